@@ -1,0 +1,163 @@
+"""Multi-scale deformable attention (Zhu et al., Deformable DETR, arXiv 2010.04159) in its RT-DETRv2 form:
+per-level numbers of sampling points and two samplers (Lv et al., arXiv 2407.17140 section 3).
+
+Samplers, both pure gathers (no grid_sample emulation, no per-query loops):
+- "default": bilinear interpolation equal to `F.grid_sample(align_corners=False, padding_mode="zeros")`. The four
+  corners of every sampling point of every level are gathered in one `take_along_axis` over the flattened
+  multi-level value, with out-of-map corners given weight 0 (the zero padding).
+- "discrete": the nearest pixel by `int(loc * size + 0.5)` clamped to the map, as transformers does.
+
+Reference: transformers `multi_scale_deformable_attention_v2`; scenic `projects/baselines/deformable_detr/attention.py`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rtdetr_jax.modeling.layers import Dtype, dense
+
+
+def _level_tables(spatial_shapes, points_per_level):
+    """Per sampling point (levels flattened): its map height, width and start offset in the flat value."""
+    level_of_point = np.repeat(np.arange(len(points_per_level)), points_per_level)
+    heights = np.array([h for h, _ in spatial_shapes], np.int32)
+    widths = np.array([w for _, w in spatial_shapes], np.int32)
+    starts = np.concatenate([[0], np.cumsum(heights * widths)[:-1]]).astype(np.int32)
+    return heights[level_of_point], widths[level_of_point], starts[level_of_point]
+
+
+def multi_scale_deformable_sampling(
+    value,
+    spatial_shapes,
+    sampling_locations,
+    attention_weights,
+    points_per_level,
+    method: str = "default",
+):
+    """Attention-weighted sum of values sampled at fractional locations of several feature maps.
+
+    Args:
+      value: (batch, sum_l H_l * W_l, heads, head_dim), levels concatenated in order, each row-major.
+      spatial_shapes: static tuple of (H_l, W_l).
+      sampling_locations: (batch, queries, heads, sum_l P_l, 2), (x, y) in [0, 1] of each level's map.
+      attention_weights: (batch, queries, heads, sum_l P_l), already normalised.
+      points_per_level: static tuple (P_0, ..., P_{L-1}).
+      method: "default" (bilinear) or "discrete" (nearest by rounding).
+    Returns:
+      (batch, queries, heads * head_dim)
+    """
+    batch, _, heads, head_dim = value.shape
+    _, queries, _, num_points, _ = sampling_locations.shape
+    if num_points != sum(points_per_level):
+        raise ValueError(f"sampling_locations has {num_points} points, points_per_level {points_per_level} sums to "
+                         f"{sum(points_per_level)}")
+    height, width, start = (jnp.asarray(t) for t in _level_tables(spatial_shapes, points_per_level))
+    loc = sampling_locations.astype(jnp.float32)
+    x, y = loc[..., 0], loc[..., 1]
+
+    if method == "default":
+        # grid_sample(align_corners=False): pixel coordinate = normalised * size - 0.5
+        px = x * width - 0.5
+        py = y * height - 0.5
+        x0 = jnp.floor(px)
+        y0 = jnp.floor(py)
+        fx = px - x0
+        fy = py - y0
+        x0 = x0.astype(jnp.int32)
+        y0 = y0.astype(jnp.int32)
+        # (batch, queries, heads, points, 4 corners)
+        cx = jnp.stack([x0, x0 + 1, x0, x0 + 1], -1)
+        cy = jnp.stack([y0, y0, y0 + 1, y0 + 1], -1)
+        bilinear = jnp.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], -1)
+        w_, h_ = width[:, None], height[:, None]
+        inside = (cx >= 0) & (cx < w_) & (cy >= 0) & (cy < h_)
+        index = start[:, None] + jnp.clip(cy, 0, h_ - 1) * w_ + jnp.clip(cx, 0, w_ - 1)
+        weight = jnp.where(inside, bilinear, 0.0) * attention_weights.astype(jnp.float32)[..., None]
+    elif method == "discrete":
+        # transformers: (loc * [W, H] + 0.5).to(int64), then clamp; the cast truncates toward zero
+        ix = jnp.clip((x * width + 0.5).astype(jnp.int32), 0, width - 1)
+        iy = jnp.clip((y * height + 0.5).astype(jnp.int32), 0, height - 1)
+        index = (start + iy * width + ix)[..., None]
+        weight = attention_weights.astype(jnp.float32)[..., None]
+    else:
+        raise ValueError(f"unknown sampling method {method!r}; use 'default' or 'discrete'")
+
+    corners = index.shape[-1]
+    # (batch, heads, queries * points * corners, 1)
+    flat_index = jnp.transpose(index, (0, 2, 1, 3, 4)).reshape(batch, heads, -1, 1)
+    # (batch, heads, tokens, head_dim)
+    value_t = jnp.transpose(value, (0, 2, 1, 3))
+    sampled = jnp.take_along_axis(value_t, flat_index, axis=2, mode="clip")
+    # (batch, heads, queries, points * corners, head_dim)
+    sampled = sampled.reshape(batch, heads, queries, num_points * corners, head_dim)
+    # (batch, heads, queries, points * corners)
+    weight = jnp.transpose(weight, (0, 2, 1, 3, 4)).reshape(batch, heads, queries, num_points * corners)
+    out = jnp.einsum("bhqk,bhqkd->bqhd", weight.astype(sampled.dtype), sampled)
+    return out.reshape(batch, queries, heads * head_dim)
+
+
+class MultiscaleDeformableAttention(nn.Module):
+    """RT-DETRv2 deformable cross-attention (`RTDetrV2MultiscaleDeformableAttention`).
+
+    Args:
+      hidden_states: (batch, queries, d_model) queries.
+      position_embeddings: (batch, queries, d_model), added to the queries.
+      encoder_hidden_states: (batch, tokens, d_model) flattened multi-level memory.
+      reference_points: (batch, queries, 1, 4) boxes (cx, cy, w, h) in [0, 1], or (batch, queries, levels, 2).
+      spatial_shapes: static tuple of (H_l, W_l).
+      value_mask: optional (batch, tokens) bool, False where the value is zeroed.
+    Returns:
+      (batch, queries, d_model)
+    """
+
+    d_model: int
+    num_heads: int
+    points_per_level: tuple[int, ...]
+    offset_scale: float = 0.5
+    method: str = "default"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden_states, position_embeddings, encoder_hidden_states, reference_points, spatial_shapes,
+                 value_mask=None):
+        b, q, _ = hidden_states.shape
+        s = encoder_hidden_states.shape[1]
+        heads = self.num_heads
+        total_points = sum(self.points_per_level)
+        if position_embeddings is not None:
+            hidden_states = hidden_states + position_embeddings
+
+        value = dense(self.d_model, "value_proj", self.dtype)(encoder_hidden_states)
+        if value_mask is not None:
+            value = jnp.where(value_mask[..., None], value, 0)
+        # (batch, tokens, heads, head_dim)
+        value = value.reshape(b, s, heads, self.d_model // heads)
+        # (batch, queries, heads, levels * points, 2)
+        offsets = dense(heads * total_points * 2, "sampling_offsets", self.dtype)(hidden_states)
+        offsets = offsets.reshape(b, q, heads, total_points, 2).astype(jnp.float32)
+        # (batch, queries, heads, levels * points)
+        weights = dense(heads * total_points, "attention_weights", self.dtype)(hidden_states)
+        weights = jax.nn.softmax(weights.reshape(b, q, heads, total_points).astype(jnp.float32), axis=-1)
+
+        ref = reference_points.astype(jnp.float32)
+        if ref.shape[-1] == 4:
+            # (levels * points, 1): 1 / P_l for every point of level l
+            points_scale = jnp.asarray(
+                np.concatenate([np.full(p, 1.0 / p, np.float32) for p in self.points_per_level])
+            )[:, None]
+            locations = ref[:, :, None, :, :2] + offsets * points_scale * ref[:, :, None, :, 2:] * self.offset_scale
+        elif ref.shape[-1] == 2:
+            level_of_point = np.repeat(np.arange(len(self.points_per_level)), self.points_per_level)
+            # (levels * points, 2) as (W_l, H_l)
+            normalizer = jnp.asarray(np.array([[w, h] for h, w in spatial_shapes], np.float32)[level_of_point])
+            locations = ref[:, :, None, level_of_point, :] + offsets / normalizer
+        else:
+            raise ValueError(f"reference_points must end in 2 or 4 coordinates, got shape {reference_points.shape}")
+
+        out = multi_scale_deformable_sampling(
+            value, spatial_shapes, locations, weights, self.points_per_level, self.method
+        )
+        return dense(self.d_model, "output_proj", self.dtype)(out.astype(self.dtype))

@@ -1,0 +1,143 @@
+"""Small building blocks shared by the backbone, encoder and decoder (NHWC layout throughout).
+
+Parameter names mirror the transformers checkpoint: batch norm holds `weight`/`bias` in `params` and
+`running_mean`/`running_var` in `batch_stats`; convolutions and linears use flax's `kernel`/`bias`. Module names
+mirror the PyTorch module tree, with `name_3` standing for the PyTorch list entry `name.3`. The converter relies on
+this: it is a mechanical rename plus transposes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def activation(name: str | None):
+    """transformers' ACT2FN names -> jax functions (`gelu` is the exact erf form, as in PyTorch)."""
+    if name is None or name == "identity":
+        return lambda x: x
+    table = {
+        "relu": jax.nn.relu,
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+        "silu": jax.nn.silu,
+        "swish": jax.nn.silu,
+        "tanh": jnp.tanh,
+        "sigmoid": jax.nn.sigmoid,
+    }
+    return table[name]
+
+
+class Conv2d(nn.Module):
+    """PyTorch-style Conv2d on NHWC input: symmetric explicit padding, kernel (kh, kw, in, out)."""
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: int | None = None  # None: (k - 1) // 2
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        pad = (self.kernel_size - 1) // 2 if self.padding is None else self.padding
+        kernel = self.param(
+            "kernel",
+            nn.initializers.kaiming_normal(),
+            (self.kernel_size, self.kernel_size, x.shape[-1], self.features),
+            jnp.float32,
+        )
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            window_strides=(self.stride, self.stride),
+            padding=((pad, pad), (pad, pad)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
+        return y
+
+
+class BatchNorm(nn.Module):
+    """Batch norm in inference form, `y = (x - mean) * weight / sqrt(var + eps) + bias`, over the last axis.
+
+    The backbone's norms are frozen in RT-DETR (transformers' `RTDetrV2FrozenBatchNorm2d`, eps fixed at 1e-5);
+    the encoder's use running statistics at inference. Both are this module; statistics live in `batch_stats`.
+    """
+
+    eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        weight = self.param("weight", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        mean = self.variable("batch_stats", "running_mean", jnp.zeros, (c,), jnp.float32).value
+        var = self.variable("batch_stats", "running_var", jnp.ones, (c,), jnp.float32).value
+        scale = weight * jax.lax.rsqrt(var + self.eps)
+        shift = bias - mean * scale
+        return x * scale.astype(self.dtype) + shift.astype(self.dtype)
+
+
+def dense(features: int, name: str, dtype: Dtype = jnp.float32, use_bias: bool = True) -> nn.Dense:
+    """A linear layer named as its PyTorch counterpart."""
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def layer_norm(name: str, eps: float, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+class MLPPredictionHead(nn.Module):
+    """`num_layers` linears with ReLU between them (transformers' `RTDetrV2MLPPredictionHead`)."""
+
+    hidden_dim: int
+    output_dim: int
+    num_layers: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(self.num_layers):
+            last = i == self.num_layers - 1
+            x = dense(self.output_dim if last else self.hidden_dim, f"layers_{i}", self.dtype)(x)
+            if not last:
+                x = jax.nn.relu(x)
+        return x
+
+
+class MultiheadSelfAttention(nn.Module):
+    """Self-attention with position embeddings added to queries and keys, not values (DETR style).
+
+    Args:
+      hidden_states: (batch, tokens, dim).
+      position_embeddings: (batch or 1, tokens, dim) or None.
+      attention_mask: additive mask broadcastable to (batch, heads, tokens, tokens) or None.
+    """
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden_states, position_embeddings=None, attention_mask=None):
+        b, n, d = hidden_states.shape
+        head_dim = d // self.num_heads
+        qk_input = hidden_states if position_embeddings is None else hidden_states + position_embeddings
+        # (batch, tokens, heads, head_dim)
+        q = dense(d, "q_proj", self.dtype)(qk_input).reshape(b, n, self.num_heads, head_dim)
+        k = dense(d, "k_proj", self.dtype)(qk_input).reshape(b, n, self.num_heads, head_dim)
+        v = dense(d, "v_proj", self.dtype)(hidden_states).reshape(b, n, self.num_heads, head_dim)
+        # (batch, heads, tokens, tokens)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q * (head_dim**-0.5), k)
+        if attention_mask is not None:
+            logits = logits + attention_mask
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, n, d)
+        return dense(d, "out_proj", self.dtype)(out)
