@@ -66,11 +66,10 @@ def _to_torch(array: np.ndarray, leaf: str) -> np.ndarray:
 
 def variable_shapes(config: RTDetrV2Config) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Flattened (collection, *path) -> shape of the flax variables for `config`, without allocating them."""
-    from rtdetr_jax.modeling.detector import RTDetrV2Detector
+    from rtdetr_jax.modeling.detector import RTDetrV2Detector, init_input_size
 
     module = RTDetrV2Detector(config)
-    # the smallest input whose feature maps line up through the FPN
-    size = 32 * 2 ** max(0, config.num_feature_levels - len(config.feat_strides))
+    size = init_input_size(config)
     dummy = jax.ShapeDtypeStruct((1, config.backbone_config.num_channels, size, size), jnp.float32)
     shapes = jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x), dummy)
     return {k: tuple(v.shape) for k, v in flatten_dict(shapes).items()}

@@ -15,19 +15,27 @@ import numpy as np
 
 from rtdetr_jax.config import RTDetrV2Config
 from rtdetr_jax.modeling.deformable import MultiscaleDeformableAttention
-from rtdetr_jax.modeling.layers import Dtype, MLPPredictionHead, MultiheadSelfAttention, activation, dense, layer_norm
+from rtdetr_jax.modeling.layers import (
+    Dtype,
+    MLPPredictionHead,
+    MultiheadSelfAttention,
+    activation,
+    dense,
+    layer_norm,
+    precise_dtype,
+)
 
 
 @functools.lru_cache(maxsize=32)
-def generate_anchors(spatial_shapes: tuple[tuple[int, int], ...], grid_size: float = 0.05):
+def generate_anchors(spatial_shapes: tuple[tuple[int, int], ...], grid_size: float = 0.05, dtype: str = "float32"):
     """Anchor boxes in logit space, one per feature-map cell, and which of them are valid.
 
-    Computed once per shape on the host in float32 (as transformers does) so they are jit-time constants.
+    Computed once per shape on the host in `dtype` (transformers uses the model's dtype) as jit-time constants.
     Returns:
-      anchors: (1, sum H_l * W_l, 4) float32, inverse-sigmoid of (cx, cy, w, h); float32 max where invalid.
+      anchors: (1, sum H_l * W_l, 4), inverse-sigmoid of (cx, cy, w, h); the dtype's max where invalid.
       valid_mask: (1, sum H_l * W_l, 1) bool, all four coordinates inside (0.01, 0.99).
     """
-    f32 = np.float32
+    f32 = np.dtype(dtype).type
     anchors = []
     for level, (h, w) in enumerate(spatial_shapes):
         grid_y, grid_x = np.meshgrid(np.arange(h, dtype=f32), np.arange(w, dtype=f32), indexing="ij")
@@ -106,7 +114,8 @@ class Decoder(nn.Module):
         cfg = self.config
         query_pos_head = MLPPredictionHead(2 * cfg.d_model, cfg.d_model, 2, self.dtype, name="query_pos_head")
         hidden_states = target
-        reference_points = jax.nn.sigmoid(reference_points_unact.astype(jnp.float32))
+        fdtype = precise_dtype(self.dtype)
+        reference_points = jax.nn.sigmoid(reference_points_unact.astype(fdtype))
         hiddens, refs, logits = [], [], []
         for i in range(cfg.decoder_layers):
             query_pos = query_pos_head(reference_points.astype(self.dtype))
@@ -114,7 +123,7 @@ class Decoder(nn.Module):
                 hidden_states, query_pos, memory, reference_points[:, :, None, :], spatial_shapes, attention_mask
             )
             delta = MLPPredictionHead(cfg.d_model, 4, 3, self.dtype, name=f"bbox_embed_{i}")(hidden_states)
-            new_reference_points = jax.nn.sigmoid(delta.astype(jnp.float32) + inverse_sigmoid(reference_points))
+            new_reference_points = jax.nn.sigmoid(delta.astype(fdtype) + inverse_sigmoid(reference_points))
             reference_points = jax.lax.stop_gradient(new_reference_points)
             hiddens.append(hidden_states)
             refs.append(new_reference_points)

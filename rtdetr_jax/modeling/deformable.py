@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rtdetr_jax.modeling.layers import Dtype, dense
+from rtdetr_jax.modeling.layers import Dtype, dense, precise_dtype
 
 
 def _level_tables(spatial_shapes, points_per_level):
@@ -55,7 +55,9 @@ def multi_scale_deformable_sampling(
         raise ValueError(f"sampling_locations has {num_points} points, points_per_level {points_per_level} sums to "
                          f"{sum(points_per_level)}")
     height, width, start = (jnp.asarray(t) for t in _level_tables(spatial_shapes, points_per_level))
-    loc = sampling_locations.astype(jnp.float32)
+    fdtype = precise_dtype(sampling_locations.dtype)
+    loc = sampling_locations.astype(fdtype)
+    attention_weights = attention_weights.astype(fdtype)
     x, y = loc[..., 0], loc[..., 1]
 
     if method == "default":
@@ -75,13 +77,13 @@ def multi_scale_deformable_sampling(
         w_, h_ = width[:, None], height[:, None]
         inside = (cx >= 0) & (cx < w_) & (cy >= 0) & (cy < h_)
         index = start[:, None] + jnp.clip(cy, 0, h_ - 1) * w_ + jnp.clip(cx, 0, w_ - 1)
-        weight = jnp.where(inside, bilinear, 0.0) * attention_weights.astype(jnp.float32)[..., None]
+        weight = jnp.where(inside, bilinear, 0.0) * attention_weights[..., None]
     elif method == "discrete":
         # transformers: (loc * [W, H] + 0.5).to(int64), then clamp; the cast truncates toward zero
         ix = jnp.clip((x * width + 0.5).astype(jnp.int32), 0, width - 1)
         iy = jnp.clip((y * height + 0.5).astype(jnp.int32), 0, height - 1)
         index = (start + iy * width + ix)[..., None]
-        weight = attention_weights.astype(jnp.float32)[..., None]
+        weight = attention_weights[..., None]
     else:
         raise ValueError(f"unknown sampling method {method!r}; use 'default' or 'discrete'")
 
@@ -137,22 +139,23 @@ class MultiscaleDeformableAttention(nn.Module):
         value = value.reshape(b, s, heads, self.d_model // heads)
         # (batch, queries, heads, levels * points, 2)
         offsets = dense(heads * total_points * 2, "sampling_offsets", self.dtype)(hidden_states)
-        offsets = offsets.reshape(b, q, heads, total_points, 2).astype(jnp.float32)
+        fdtype = precise_dtype(self.dtype)
+        offsets = offsets.reshape(b, q, heads, total_points, 2).astype(fdtype)
         # (batch, queries, heads, levels * points)
         weights = dense(heads * total_points, "attention_weights", self.dtype)(hidden_states)
-        weights = jax.nn.softmax(weights.reshape(b, q, heads, total_points).astype(jnp.float32), axis=-1)
+        weights = jax.nn.softmax(weights.reshape(b, q, heads, total_points).astype(fdtype), axis=-1)
 
-        ref = reference_points.astype(jnp.float32)
+        ref = reference_points.astype(fdtype)
         if ref.shape[-1] == 4:
             # (levels * points, 1): 1 / P_l for every point of level l
             points_scale = jnp.asarray(
-                np.concatenate([np.full(p, 1.0 / p, np.float32) for p in self.points_per_level])
+                np.concatenate([np.full(p, 1.0 / p, np.float32) for p in self.points_per_level]), fdtype
             )[:, None]
             locations = ref[:, :, None, :, :2] + offsets * points_scale * ref[:, :, None, :, 2:] * self.offset_scale
         elif ref.shape[-1] == 2:
             level_of_point = np.repeat(np.arange(len(self.points_per_level)), self.points_per_level)
             # (levels * points, 2) as (W_l, H_l)
-            normalizer = jnp.asarray(np.array([[w, h] for h, w in spatial_shapes], np.float32)[level_of_point])
+            normalizer = jnp.asarray(np.array([[w, h] for h, w in spatial_shapes], np.float32)[level_of_point], fdtype)
             locations = ref[:, :, None, level_of_point, :] + offsets / normalizer
         else:
             raise ValueError(f"reference_points must end in 2 or 4 coordinates, got shape {reference_points.shape}")

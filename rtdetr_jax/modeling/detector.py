@@ -18,7 +18,7 @@ from rtdetr_jax.config import RTDetrV2Config
 from rtdetr_jax.modeling.backbone import ResNetBackbone
 from rtdetr_jax.modeling.decoder import Decoder, generate_anchors
 from rtdetr_jax.modeling.encoder import HybridEncoder
-from rtdetr_jax.modeling.layers import BatchNorm, Conv2d, Dtype, MLPPredictionHead, dense, layer_norm
+from rtdetr_jax.modeling.layers import BatchNorm, Conv2d, Dtype, MLPPredictionHead, dense, layer_norm, precise_dtype
 
 
 @flax.struct.dataclass
@@ -51,6 +51,28 @@ class RTDetrV2ObjectDetectionOutput:
 
     def keys(self):
         return [f.name for f in self.__dataclass_fields__.values() if getattr(self, f.name) is not None]
+
+
+def input_stride(config: RTDetrV2Config) -> int:
+    """Input height and width must be multiples of this (the coarsest feature map's stride)."""
+    extra_levels = max(0, config.num_feature_levels - len(config.feat_strides))
+    return max(config.feat_strides) * 2**extra_levels
+
+
+def num_tokens(config: RTDetrV2Config, height: int, width: int) -> int:
+    """Number of encoder tokens (anchors) for an input of `height` x `width`."""
+    strides = list(config.feat_strides)
+    while len(strides) < config.num_feature_levels:
+        strides.append(strides[-1] * 2)
+    return sum((height // s) * (width // s) for s in strides)
+
+
+def init_input_size(config: RTDetrV2Config) -> int:
+    """Smallest square input with enough tokens to select `num_queries` from (used to build parameters)."""
+    size = input_stride(config)
+    while num_tokens(config, size, size) < config.num_queries:
+        size += input_stride(config)
+    return size
 
 
 class ConvEncoder(nn.Module):
@@ -136,12 +158,13 @@ class RTDetrV2Model(nn.Module):
         # (batch, sum H_l * W_l, d_model)
         memory = jnp.concatenate([s.reshape(batch, -1, s.shape[-1]) for s in sources], axis=1)
 
-        anchors_np, valid_np = generate_anchors(spatial_shapes)
+        fdtype = precise_dtype(self.dtype)
+        anchors_np, valid_np = generate_anchors(spatial_shapes, dtype=jnp.dtype(fdtype).name)
         anchors = jnp.asarray(anchors_np)
         valid = jnp.asarray(valid_np)
         output_memory = self.enc_output(valid.astype(memory.dtype) * memory)
-        enc_outputs_class = self.enc_score_head(output_memory).astype(jnp.float32)
-        enc_outputs_coord_logits = self.enc_bbox_head(output_memory).astype(jnp.float32) + anchors
+        enc_outputs_class = self.enc_score_head(output_memory).astype(fdtype)
+        enc_outputs_coord_logits = self.enc_bbox_head(output_memory).astype(fdtype) + anchors
 
         # query selection: top-k tokens by their best class score; (batch, queries)
         _, topk_index = jax.lax.top_k(jnp.max(enc_outputs_class, axis=-1), cfg.num_queries)
@@ -158,7 +181,7 @@ class RTDetrV2Model(nn.Module):
 
         dec = self.decoder(target, init_reference_points, memory, spatial_shapes)
         return RTDetrV2ObjectDetectionOutput(
-            logits=dec["intermediate_logits"][:, -1].astype(jnp.float32),
+            logits=dec["intermediate_logits"][:, -1].astype(fdtype),
             pred_boxes=dec["intermediate_reference_points"][:, -1],
             last_hidden_state=dec["last_hidden_state"],
             intermediate_hidden_states=dec["intermediate_hidden_states"],

@@ -24,7 +24,7 @@ def sincos_position_embedding_2d(height: int, width: int, dim: int, temperature:
     """2D sin-cos embedding laid out `[sin_h | cos_h | sin_w | cos_w]`, row-major over (h, w).
 
     Computed once per shape on the host in float64 (as transformers does), so it is a jit-time constant.
-    Returns (1, height * width, dim) float32.
+    Returns (1, height * width, dim) float64; callers cast to their compute dtype.
     """
     pos_dim = dim // 4
     omega = 1.0 / temperature ** (np.arange(pos_dim, dtype=np.float64) / pos_dim)
@@ -32,7 +32,7 @@ def sincos_position_embedding_2d(height: int, width: int, dim: int, temperature:
     emb_h = grid_h.reshape(-1, 1) * omega[None]
     emb_w = grid_w.reshape(-1, 1) * omega[None]
     emb = np.concatenate([np.sin(emb_h), np.cos(emb_h), np.sin(emb_w), np.cos(emb_w)], axis=1)
-    return emb.astype(np.float32)[None]
+    return emb[None]
 
 
 class ConvNormLayer(nn.Module):
@@ -135,9 +135,10 @@ class AIFILayer(nn.Module):
         b, h, w, c = x.shape
         # (batch, h * w, channels), row-major like torch's flatten(2).transpose(1, 2)
         tokens = x.reshape(b, h * w, c)
-        pos = jnp.asarray(sincos_position_embedding_2d(h, w, c, float(cfg.positional_encoding_temperature)))
+        pos = jnp.asarray(sincos_position_embedding_2d(h, w, c, float(cfg.positional_encoding_temperature)),
+                          dtype=tokens.dtype)
         for i in range(cfg.encoder_layers):
-            tokens = EncoderLayer(cfg, self.dtype, name=f"layers_{i}")(tokens, pos.astype(tokens.dtype))
+            tokens = EncoderLayer(cfg, self.dtype, name=f"layers_{i}")(tokens, pos)
         return tokens.reshape(b, h, w, c)
 
 

@@ -17,6 +17,11 @@ import jax.numpy as jnp
 Dtype = Any
 
 
+def precise_dtype(dtype: Dtype):
+    """The dtype for numerically sensitive math (softmax, box coordinates): float32, or float64 under x64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def activation(name: str | None):
     """transformers' ACT2FN names -> jax functions (`gelu` is the exact erf form, as in PyTorch)."""
     if name is None or name == "identity":
@@ -138,6 +143,6 @@ class MultiheadSelfAttention(nn.Module):
         logits = jnp.einsum("bqhd,bkhd->bhqk", q * (head_dim**-0.5), k)
         if attention_mask is not None:
             logits = logits + attention_mask
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        weights = jax.nn.softmax(logits.astype(precise_dtype(self.dtype)), axis=-1).astype(v.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, n, d)
         return dense(d, "out_proj", self.dtype)(out)

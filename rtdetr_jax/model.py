@@ -1,0 +1,167 @@
+"""`RTDetrV2ForObjectDetection`: the transformers-style front of the flax detector.
+
+    model = RTDetrV2ForObjectDetection.from_pretrained("PekingU/rtdetr_v2_r18vd")
+    outputs = model(pixel_values=inputs["pixel_values"])      # (batch, 3, H, W) float32, H and W multiples of 32
+
+The object holds `.config`, `.module` (the flax module), `.variables` (`{"params", "batch_stats"}`, what
+`module.apply` takes) and `.params` (the trainable part). `__call__` is jit-compiled once per input shape and dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization
+
+from rtdetr_jax.config import RTDetrV2Config
+from rtdetr_jax.convert.transformers import (
+    SAFE_INDEX,
+    SAFE_WEIGHTS,
+    ConversionError,
+    load_transformers_checkpoint,
+    save_transformers_checkpoint,
+)
+from rtdetr_jax.hub import ModelNotFoundError, resolve_file
+from rtdetr_jax.io_utils import atomic_path
+from rtdetr_jax.modeling.detector import (
+    RTDetrV2Detector,
+    RTDetrV2ObjectDetectionOutput,
+    init_input_size,
+    input_stride,
+    num_tokens,
+)
+
+FLAX_WEIGHTS = "flax_model.msgpack"
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _as_dtype(dtype) -> Any:
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not one of {sorted(_DTYPES)}")
+        return _DTYPES[dtype]
+    return jnp.dtype(dtype).type if dtype is not None else jnp.float32
+
+
+class RTDetrV2ForObjectDetection:
+    """RT-DETRv2 detector with transformers' loading and calling conventions."""
+
+    def __init__(self, config: RTDetrV2Config, variables: dict | None = None, dtype="float32", seed: int = 0):
+        self.config = config
+        self.dtype = _as_dtype(dtype)
+        self.module = RTDetrV2Detector(config, self.dtype)
+        if variables is None:
+            size = init_input_size(config)
+            dummy = jnp.zeros((1, config.backbone_config.num_channels, size, size), jnp.float32)
+            variables = jax.jit(self.module.init)(jax.random.PRNGKey(seed), dummy)
+        self.variables = jax.tree_util.tree_map(jnp.asarray, variables)
+        self._forward = jax.jit(self.module.apply)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def params(self):
+        return self.variables["params"]
+
+    @property
+    def compiled_shapes(self) -> int:
+        """How many input signatures have been compiled so far (one per distinct shape and dtype)."""
+        return self._forward._cache_size()
+
+    # ------------------------------------------------------------------ calling
+    def check_pixel_values(self, pixel_values) -> None:
+        shape = tuple(np.shape(pixel_values))
+        channels = self.config.backbone_config.num_channels
+        if len(shape) != 4 or shape[1] != channels:
+            raise ValueError(f"pixel_values has shape {shape}; expected (batch, {channels}, height, width)")
+        stride = input_stride(self.config)
+        if shape[2] % stride or shape[3] % stride or shape[2] == 0 or shape[3] == 0:
+            raise ValueError(f"pixel_values has height x width {shape[2]}x{shape[3]}; both must be positive "
+                             f"multiples of {stride}")
+        tokens = num_tokens(self.config, shape[2], shape[3])
+        if tokens < self.config.num_queries:
+            raise ValueError(f"pixel_values of {shape[2]}x{shape[3]} give {tokens} encoder tokens, fewer than "
+                             f"num_queries={self.config.num_queries}; use a larger input")
+
+    def __call__(self, pixel_values=None, variables=None, **kwargs) -> RTDetrV2ObjectDetectionOutput:
+        if pixel_values is None:
+            raise ValueError("pixel_values is required")
+        unused = sorted(k for k, v in kwargs.items() if v is not None and k not in ("pixel_mask",))
+        if unused:
+            raise TypeError(f"unsupported argument(s) for inference: {', '.join(unused)}")
+        self.check_pixel_values(pixel_values)
+        return self._forward(self.variables if variables is None else variables, jnp.asarray(pixel_values,
+                                                                                              jnp.float32))
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, revision: str | None = None, dtype="float32",
+                        config: RTDetrV2Config | None = None) -> "RTDetrV2ForObjectDetection":
+        """Load from a folder or Hub repo holding `config.json` plus `flax_model.msgpack` (written by
+        `save_pretrained` / the port CLI) or transformers' `model.safetensors` (sharded index too)."""
+        if config is None:
+            config = RTDetrV2Config.from_pretrained(name_or_path, revision=revision)
+        flax_file = resolve_file(name_or_path, FLAX_WEIGHTS, revision=revision, required=False)
+        if flax_file is not None:
+            variables = load_flax_variables(flax_file, config)
+            return cls(config, variables, dtype=dtype)
+        weights = resolve_file(name_or_path, SAFE_WEIGHTS, revision=revision, required=False)
+        if weights is None:
+            index = resolve_file(name_or_path, SAFE_INDEX, revision=revision, required=False)
+            if index is None:
+                raise ModelNotFoundError(
+                    f"{os.fspath(name_or_path)}: no {FLAX_WEIGHTS}, {SAFE_WEIGHTS} or {SAFE_INDEX} found"
+                )
+            with open(index, encoding="utf-8") as fh:
+                shards = sorted(set(json.load(fh).get("weight_map", {}).values()))
+            for shard in shards:  # make sure every shard is downloaded next to the index
+                resolve_file(name_or_path, shard, revision=revision)
+            weights = index
+        return cls(config, load_transformers_checkpoint(weights, config), dtype=dtype)
+
+    def save_pretrained(self, directory: str | os.PathLike, flax_weights: bool = True) -> None:
+        """Write transformers-loadable `model.safetensors` + `config.json` + `preprocessor_config.json`, and
+        (unless `flax_weights=False`) `flax_model.msgpack` so our loader skips the conversion."""
+        from rtdetr_jax.processing import RTDetrImageProcessor
+
+        os.makedirs(directory, exist_ok=True)
+        save_transformers_checkpoint(self.variables, self.config, directory)
+        if flax_weights:
+            save_flax_variables(self.variables, os.path.join(directory, FLAX_WEIGHTS))
+        if not os.path.exists(os.path.join(directory, "preprocessor_config.json")):
+            RTDetrImageProcessor().save_pretrained(directory)
+
+
+def save_flax_variables(variables, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(serialization.msgpack_serialize(jax.device_get(variables)))
+
+
+def load_flax_variables(path: str | os.PathLike, config: RTDetrV2Config):
+    """Read `flax_model.msgpack` and check every entry against the shapes `config` implies."""
+    from flax.traverse_util import flatten_dict
+
+    from rtdetr_jax.convert.transformers import variable_shapes
+
+    try:
+        with open(path, "rb") as fh:
+            variables = serialization.msgpack_restore(fh.read())
+    except Exception as err:  # msgpack raises several unrelated types on corrupt input
+        raise ConversionError(f"{path}: cannot read flax weights ({type(err).__name__}: {err})") from None
+    expected = variable_shapes(config)
+    flat = flatten_dict(variables) if isinstance(variables, dict) else {}
+    for key, shape in expected.items():
+        if key not in flat:
+            raise ConversionError(f"{path}: missing entry {'/'.join(key)!r}")
+        if tuple(np.shape(flat[key])) != shape:
+            raise ConversionError(f"{path}: entry {'/'.join(key)!r} has shape {np.shape(flat[key])}, config "
+                                  f"expects {shape}")
+    extra = sorted(set(flat) - set(expected))
+    if extra:
+        raise ConversionError(f"{path}: unexpected entry {'/'.join(extra[0])!r} for this config")
+    return variables
