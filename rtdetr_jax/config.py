@@ -266,6 +266,8 @@ class RTDetrV2Config:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: d.pop(k) for k in list(d) if k in names}
         d.pop("label2id", None)
+        if d.get("architectures") == ["RTDetrV2ForObjectDetection"]:
+            d.pop("architectures")  # written back by to_dict
         if "id2label" not in kwargs and "num_labels" in d:
             kwargs["id2label"] = {i: f"LABEL_{i}" for i in range(int(d.pop("num_labels")))}
         d.pop("num_labels", None)
