@@ -51,18 +51,19 @@ def resolve_file(name_or_path: str | os.PathLike, filename: str, revision: str |
         return hf_hub_download(name, filename, revision=revision)
     except RepositoryNotFoundError:
         raise ModelNotFoundError(f"{name}: no such model repo on the Hub (or it is private)") from None
+    # LocalEntryNotFoundError subclasses EntryNotFoundError in recent huggingface_hub: catch it first
     except RevisionNotFoundError:
         raise ModelNotFoundError(f"{name}: revision {revision!r} not found on the Hub") from None
-    except EntryNotFoundError:
-        if required:
-            raise ModelNotFoundError(f"{name}: repo has no file {filename}") from None
-        return None
     except LocalEntryNotFoundError:
         if required:
             raise ModelNotFoundError(
                 f"{name}: {filename} is not in the local Hub cache and the Hub cannot be reached "
                 "(offline, or HF_HUB_OFFLINE=1)"
             ) from None
+        return None
+    except EntryNotFoundError:
+        if required:
+            raise ModelNotFoundError(f"{name}: repo has no file {filename}") from None
         return None
     except (HfHubHTTPError, OSError) as err:
         raise ModelNotFoundError(f"{name}: could not fetch {filename} ({type(err).__name__}: {err})") from None
