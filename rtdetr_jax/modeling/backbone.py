@@ -46,7 +46,7 @@ class ConvLayer(nn.Module):
     def __call__(self, x):
         x = Conv2d(self.features, self.kernel_size, self.stride, self.kernel_size // 2, dtype=self.dtype,
                    name="convolution")(x)
-        x = BatchNorm(FROZEN_BN_EPS, dtype=self.dtype, name="normalization")(x)
+        x = BatchNorm(FROZEN_BN_EPS, dtype=self.dtype, frozen=True, name="normalization")(x)
         return activation(self.act)(x)
 
 
@@ -60,7 +60,7 @@ class ShortCut(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = Conv2d(self.features, 1, self.stride, 0, dtype=self.dtype, name="convolution")(x)
-        return BatchNorm(FROZEN_BN_EPS, dtype=self.dtype, name="normalization")(x)
+        return BatchNorm(FROZEN_BN_EPS, dtype=self.dtype, frozen=True, name="normalization")(x)
 
 
 class BasicLayer(nn.Module):

@@ -101,6 +101,8 @@ class Decoder(nn.Module):
       reference_points_unact: (batch, queries, 4) initial boxes in logit space.
       memory: (batch, tokens, d_model) flattened multi-level features.
       spatial_shapes: static tuple of (H_l, W_l).
+      attention_mask: optional (queries, queries) bool (True = may attend) or additive float mask, for the
+        self-attention between denoising groups and matching queries.
     Returns:
       dict of hidden states (batch, layers, queries, d_model), logits (batch, layers, queries, classes) and
       reference points (batch, layers, queries, 4), plus the last hidden state.
@@ -115,6 +117,9 @@ class Decoder(nn.Module):
         query_pos_head = MLPPredictionHead(2 * cfg.d_model, cfg.d_model, 2, self.dtype, name="query_pos_head")
         hidden_states = target
         fdtype = precise_dtype(self.dtype)
+        if attention_mask is not None and attention_mask.dtype == jnp.bool_:
+            # (queries, queries) True = may attend -> additive, broadcast over batch and heads
+            attention_mask = jnp.where(attention_mask, 0.0, -jnp.inf).astype(fdtype)
         reference_points = jax.nn.sigmoid(reference_points_unact.astype(fdtype))
         hiddens, refs, logits = [], [], []
         for i in range(cfg.decoder_layers):

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from rtdetr_jax.config import RTDetrV2Config
 from rtdetr_jax.modeling.backbone import ResNetBackbone
 from rtdetr_jax.modeling.decoder import Decoder, generate_anchors
+from rtdetr_jax.modeling.denoising import DenoisingQueries
 from rtdetr_jax.modeling.encoder import HybridEncoder
 from rtdetr_jax.modeling.layers import BatchNorm, Conv2d, Dtype, MLPPredictionHead, dense, layer_norm, precise_dtype
 
@@ -31,6 +32,9 @@ class RTDetrV2ObjectDetectionOutput:
     enc_topk_logits / enc_topk_bboxes: (batch, queries, classes) / (batch, queries, 4) of the selected proposals;
     enc_outputs_class / enc_outputs_coord_logits: (batch, tokens, classes) / (batch, tokens, 4) for every anchor;
     encoder_last_hidden_state: tuple of NCHW maps (batch, encoder_hidden_dim, H_l, W_l), fine to coarse.
+    Training with denoising queries adds dn_intermediate_logits / dn_intermediate_reference_points
+    (batch, decoder_layers, slots, ...) and the `DenoisingQueries` they came from; the fields above then hold the
+    matching queries only (transformers concatenates both and splits them in the loss).
     """
 
     logits: Any = None
@@ -45,6 +49,9 @@ class RTDetrV2ObjectDetectionOutput:
     enc_outputs_class: Any = None
     enc_outputs_coord_logits: Any = None
     encoder_last_hidden_state: Any = None
+    dn_intermediate_logits: Any = None
+    dn_intermediate_reference_points: Any = None
+    denoising: Any = None
 
     def __getitem__(self, key: str):
         return getattr(self, key)
@@ -138,7 +145,7 @@ class RTDetrV2Model(nn.Module):
         self.decoder_input_proj = projections
         self.decoder = Decoder(cfg, self.dtype)
 
-    def __call__(self, pixel_values):
+    def __call__(self, pixel_values, denoising: DenoisingQueries | None = None):
         cfg = self.config
         if cfg.num_denoising > 0 and self.is_initializing():
             # used only in training; touched here so that init creates its parameters
@@ -179,7 +186,28 @@ class RTDetrV2Model(nn.Module):
             target = jax.lax.stop_gradient(take(output_memory))
         init_reference_points = jax.lax.stop_gradient(reference_points_unact)
 
-        dec = self.decoder(target, init_reference_points, memory, spatial_shapes)
+        attention_mask, num_slots = None, 0
+        if denoising is not None:
+            # denoising queries go first, as in transformers: (batch, slots + queries, ...)
+            num_slots = denoising.num_slots
+            dn_target = self.denoising_class_embed(denoising.labels)
+            # nn.Embedding(padding_idx=num_labels): the padding row gets no gradient
+            is_pad = (denoising.labels == cfg.num_labels)[..., None]
+            dn_target = jnp.where(is_pad, jax.lax.stop_gradient(dn_target), dn_target).astype(target.dtype)
+            target = jnp.concatenate([dn_target, target], axis=1)
+            dn_boxes = jax.lax.stop_gradient(denoising.boxes_unact).astype(init_reference_points.dtype)
+            init_reference_points = jnp.concatenate([dn_boxes, init_reference_points], axis=1)
+            attention_mask = denoising.attention_mask
+
+        dec = self.decoder(target, init_reference_points, memory, spatial_shapes, attention_mask)
+        dn_logits = dn_boxes = None
+        if denoising is not None:
+            split = lambda a: (a[:, :, :num_slots], a[:, :, num_slots:])  # noqa: E731
+            dn_logits, dec["intermediate_logits"] = split(dec["intermediate_logits"])
+            dn_boxes, dec["intermediate_reference_points"] = split(dec["intermediate_reference_points"])
+            _, dec["intermediate_hidden_states"] = split(dec["intermediate_hidden_states"])
+            dec["last_hidden_state"] = dec["last_hidden_state"][:, num_slots:]
+            init_reference_points = init_reference_points[:, num_slots:]
         return RTDetrV2ObjectDetectionOutput(
             logits=dec["intermediate_logits"][:, -1].astype(fdtype),
             pred_boxes=dec["intermediate_reference_points"][:, -1],
@@ -193,6 +221,9 @@ class RTDetrV2Model(nn.Module):
             enc_outputs_class=enc_outputs_class,
             enc_outputs_coord_logits=enc_outputs_coord_logits,
             encoder_last_hidden_state=tuple(jnp.transpose(m, (0, 3, 1, 2)) for m in encoded),
+            dn_intermediate_logits=None if dn_logits is None else dn_logits.astype(fdtype),
+            dn_intermediate_reference_points=dn_boxes,
+            denoising=denoising,
         )
 
 
@@ -203,5 +234,5 @@ class RTDetrV2Detector(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, pixel_values):
-        return RTDetrV2Model(self.config, self.dtype, name="model")(pixel_values)
+    def __call__(self, pixel_values, denoising: DenoisingQueries | None = None):
+        return RTDetrV2Model(self.config, self.dtype, name="model")(pixel_values, denoising)

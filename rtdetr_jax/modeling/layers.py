@@ -70,22 +70,40 @@ class Conv2d(nn.Module):
 
 
 class BatchNorm(nn.Module):
-    """Batch norm in inference form, `y = (x - mean) * weight / sqrt(var + eps) + bias`, over the last axis.
+    """Batch norm over the last axis; `weight`/`bias` in `params`, `running_mean`/`running_var` in `batch_stats`.
 
-    The backbone's norms are frozen in RT-DETR (transformers' `RTDetrV2FrozenBatchNorm2d`, eps fixed at 1e-5);
-    the encoder's use running statistics at inference. Both are this module; statistics live in `batch_stats`.
+    Inference form `y = (x - mean) * weight / sqrt(var + eps) + bias` with the running statistics, unless
+    `batch_stats` is mutable (training: `apply(..., mutable=["batch_stats"])`): then it normalises with the batch's
+    statistics (biased variance, computed over the whole global batch, so data-parallel training behaves like one
+    device) and updates the running ones as PyTorch does (momentum 0.1, unbiased variance).
+    `frozen=True` (the backbone's `RTDetrV2FrozenBatchNorm2d`) always uses the running statistics.
     """
 
     eps: float = 1e-5
     dtype: Dtype = jnp.float32
+    frozen: bool = False
+    momentum: float = 0.1
 
     @nn.compact
     def __call__(self, x):
         c = x.shape[-1]
         weight = self.param("weight", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        mean = self.variable("batch_stats", "running_mean", jnp.zeros, (c,), jnp.float32).value
-        var = self.variable("batch_stats", "running_var", jnp.ones, (c,), jnp.float32).value
+        running_mean = self.variable("batch_stats", "running_mean", jnp.zeros, (c,), jnp.float32)
+        running_var = self.variable("batch_stats", "running_var", jnp.ones, (c,), jnp.float32)
+        training = (
+            not self.frozen and self.is_mutable_collection("batch_stats") and not self.is_initializing()
+        )
+        if training:
+            axes = tuple(range(x.ndim - 1))
+            xf = x.astype(precise_dtype(x.dtype))
+            mean = jnp.mean(xf, axis=axes)
+            var = jnp.mean(jnp.square(xf - mean), axis=axes)
+            n = x.size // c
+            running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
+            running_var.value = (1 - self.momentum) * running_var.value + self.momentum * var * (n / max(n - 1, 1))
+        else:
+            mean, var = running_mean.value, running_var.value
         scale = weight * jax.lax.rsqrt(var + self.eps)
         shift = bias - mean * scale
         return x * scale.astype(self.dtype) + shift.astype(self.dtype)
