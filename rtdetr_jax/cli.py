@@ -1,4 +1,4 @@
-"""Command line: `rtdetr-jax port ...` (also `python -m rtdetr_jax`).
+"""Command line: `rtdetr-jax port | train | evaluate | make-shapes` (also `python -m rtdetr_jax`).
 
 Errors a user can cause (missing file, bad checkpoint, bad value) print one line on stderr and exit 2;
 never a traceback.
@@ -16,6 +16,54 @@ def _port(args: argparse.Namespace) -> int:
     out = port(args.source, args.out, config=args.config, revision=args.revision, force=args.force)
     print(f"wrote {out}")
     return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from rtdetr_jax.train.loop import TrainConfig, fit
+
+    if args.model is None and args.config is None:
+        args.config = "r18vd"
+    cfg = TrainConfig(
+        data_dir=args.data, output_dir=args.out, model=args.model, config=args.config, epochs=args.epochs,
+        max_steps=args.max_steps, batch_size=args.batch_size, image_size=args.image_size, max_boxes=args.max_boxes,
+        no_aug_epochs=args.no_aug_epochs, multi_scale=args.multi_scale, learning_rate=args.lr,
+        backbone_lr_multiplier=args.backbone_lr_multiplier, weight_decay=args.weight_decay,
+        clip_norm=args.clip_norm, warmup_steps=args.warmup_steps, schedule=args.schedule, ema_decay=args.ema_decay,
+        ema_warmup_steps=args.ema_warmup_steps, save_every=args.save_every, keep=args.keep,
+        eval_every=args.eval_every, log_every=args.log_every, seed=args.seed, dtype=args.dtype,
+        workers=args.workers, resume=args.resume, progress=not args.no_progress,
+    )
+    summary = fit(cfg)
+    ev = summary["eval"]
+    print(f"trained {summary['steps']} steps; AP {ev.get('AP', 0):.3f} AP50 {ev.get('AP50', 0):.3f}; "
+          f"model saved to {summary['model_dir']}")
+    for why, n in summary["skipped"].items():
+        print(f"skipped {n}: {why}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from rtdetr_jax.train.loop import evaluate_model
+
+    metrics = evaluate_model(args.model, args.data, args.split, args.image_size, args.batch_size, args.dtype,
+                             progress=not args.no_progress)
+    print(" ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return 0
+
+
+def _make_shapes(args: argparse.Namespace) -> int:
+    from rtdetr_jax.data.synthetic import write_shapes_dataset
+
+    paths = write_shapes_dataset(args.out, train=args.train, val=args.val, size=args.size, seed=args.seed)
+    print(f"wrote {args.train} train and {args.val} val images; annotations: {', '.join(paths.values())}")
+    return 0
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +84,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) for a repo id")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=_port)
+
+    p = sub.add_parser(
+        "train",
+        help="train or fine-tune on a COCO-format dataset, on every local device",
+        description="Train RT-DETRv2 on DATA/annotations/instances_{train,val}.json with images in DATA/train and "
+        "DATA/val. Logs to OUT/train_log.jsonl, checkpoints to OUT/checkpoints (orbax), and exports the EMA "
+        "model to OUT/model (transformers-loadable).",
+    )
+    p.add_argument("--data", required=True, help="dataset folder (COCO layout, see above)")
+    p.add_argument("--out", required=True, help="run folder for logs, checkpoints and the exported model")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="Hub id or folder to fine-tune from (class heads are "
+                     "re-initialised if its labels differ from the dataset's)")
+    src.add_argument("--config", default=None, help="preset (r18vd, r34vd, r50vd_m, r50vd, r101vd, tiny) or "
+                     "config.json to train from scratch (default r18vd)")
+    p.add_argument("--epochs", type=_positive, default=12, help="epochs over the training set (default 12)")
+    p.add_argument("--max-steps", type=_positive, default=None, help="stop after this many steps")
+    p.add_argument("--batch-size", type=_positive, default=4, help="global batch, split over devices (default 4)")
+    p.add_argument("--image-size", type=_positive, default=640, help="square input size, multiple of 32")
+    p.add_argument("--max-boxes", type=_positive, default=100, help="boxes kept per image (padding size)")
+    p.add_argument("--no-aug-epochs", type=int, default=2, help="last epochs without strong augmentation")
+    p.add_argument("--multi-scale", action="store_true", help="random input sizes +-160 px per batch")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW; default 1e-4)")
+    p.add_argument("--backbone-lr-multiplier", type=float, default=0.1, help="backbone lr factor (default 0.1)")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay, not on norms/biases")
+    p.add_argument("--clip-norm", type=float, default=0.1, help="global gradient-norm clip (0: off)")
+    p.add_argument("--warmup-steps", type=int, default=2000, help="linear warm-up steps")
+    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant", help="lr after warm-up")
+    p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay of the evaluated weights")
+    p.add_argument("--ema-warmup-steps", type=int, default=2000, help="EMA warm-up (decay ramps up)")
+    p.add_argument("--save-every", type=_positive, default=500, help="checkpoint every N steps")
+    p.add_argument("--keep", type=_positive, default=3, help="recent checkpoints kept (plus the best)")
+    p.add_argument("--eval-every", type=int, default=1, help="evaluate the EMA weights every N epochs")
+    p.add_argument("--log-every", type=_positive, default=10, help="log loss terms every N steps")
+    p.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order and augmentation")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    p.add_argument("--workers", type=int, default=2, help="data-loading threads (0: in the main thread)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="COCO mAP of a model on a COCO-format dataset",
+                       description="Print AP, AP50, AP75 and AP by object size (pycocotools) of MODEL on a split.")
+    p.add_argument("--model", required=True, help="folder or Hub id (e.g. OUT/model from train)")
+    p.add_argument("--data", required=True, help="dataset folder (COCO layout)")
+    p.add_argument("--split", default="val", help="split name: annotations/instances_SPLIT.json (default val)")
+    p.add_argument("--image-size", type=_positive, default=640, help="square input size, multiple of 32")
+    p.add_argument("--batch-size", type=_positive, default=8, help="images per step")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("make-shapes", help="write the synthetic shapes dataset (COCO format)",
+                       description="Coloured circles, squares, triangles and diamonds on textured backgrounds.")
+    p.add_argument("--out", required=True, help="dataset folder to write")
+    p.add_argument("--train", type=_positive, default=512, help="training images (default 512)")
+    p.add_argument("--val", type=_positive, default=64, help="validation images (default 64)")
+    p.add_argument("--size", type=_positive, default=256, help="image side in pixels (default 256)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_make_shapes)
     return parser
 
 
@@ -46,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rtdetr-jax: interrupted", file=sys.stderr)
         return 130
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, FloatingPointError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"rtdetr-jax {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -346,3 +346,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         decoder_in_channels=[384, 384, 384],
     ),
 }
+# Not a published model: a reduced-width RT-DETRv2 for CPU demos, tests and the learning benchmark.
+PRESETS["tiny"] = dict(
+    backbone_config=dict(embedding_size=32, hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 1, 1],
+                         layer_type="basic"),
+    encoder_in_channels=[64, 128, 256],
+    encoder_hidden_dim=64,
+    encoder_ffn_dim=256,
+    encoder_attention_heads=4,
+    hidden_expansion=0.5,
+    d_model=64,
+    decoder_in_channels=[64, 64, 64],
+    decoder_ffn_dim=256,
+    decoder_attention_heads=4,
+    decoder_layers=3,
+    num_queries=60,
+    num_denoising=30,
+)

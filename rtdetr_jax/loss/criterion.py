@@ -132,25 +132,27 @@ def rtdetr_loss(outputs, targets: Targets, config):
     num_boxes = jnp.maximum(jnp.sum(mask).astype(outputs.logits.dtype), 1.0)
     losses = dict(_matched_losses(outputs.logits, outputs.pred_boxes, targets, num_boxes, config))
     if config.auxiliary_loss:
-        aux = [
-            (outputs.intermediate_logits[:, i], outputs.intermediate_reference_points[:, i])
-            for i in range(outputs.intermediate_logits.shape[1] - 1)
-        ]
-        aux.append((outputs.enc_topk_logits, outputs.enc_topk_bboxes))
-        for i, (lg, bx) in enumerate(aux):
-            for k, v in _matched_losses(lg, bx, targets, num_boxes, config).items():
-                losses[f"{k}_aux_{i}"] = v
+        # earlier decoder layers, then the encoder's proposals: one vmapped matcher + loss over the stack
+        layers = outputs.intermediate_logits.shape[1]
+        aux_logits = jnp.concatenate([jnp.moveaxis(outputs.intermediate_logits[:, :-1], 1, 0),
+                                      outputs.enc_topk_logits[None].astype(outputs.logits.dtype)])
+        aux_boxes = jnp.concatenate([jnp.moveaxis(outputs.intermediate_reference_points[:, :-1], 1, 0),
+                                     outputs.enc_topk_bboxes[None].astype(outputs.pred_boxes.dtype)])
+        aux = jax.vmap(lambda lg, bx: _matched_losses(lg, bx, targets, num_boxes, config))(aux_logits, aux_boxes)
+        for i in range(layers):
+            for k, v in aux.items():
+                losses[f"{k}_aux_{i}"] = v[i]
         dn = outputs.denoising
         if dn is not None:
             dn_num_boxes = jnp.maximum(num_boxes * dn.num_groups, 1.0)
             slots = jnp.broadcast_to(jnp.arange(dn.num_slots), dn.slot_gt.shape)
+            dn_terms = jax.vmap(
+                lambda lg, bx: pair_losses(lg, bx, slots, dn.slot_gt, dn.slot_positive, targets, dn_num_boxes,
+                                           config, dn.slot_in_use)
+            )(jnp.moveaxis(outputs.dn_intermediate_logits, 1, 0),
+              jnp.moveaxis(outputs.dn_intermediate_reference_points, 1, 0))
             for i in range(outputs.dn_intermediate_logits.shape[1]):
-                terms = pair_losses(
-                    outputs.dn_intermediate_logits[:, i],
-                    outputs.dn_intermediate_reference_points[:, i],
-                    slots, dn.slot_gt, dn.slot_positive, targets, dn_num_boxes, config, dn.slot_in_use,
-                )
-                for k, v in terms.items():
-                    losses[f"{k}_dn_{i}"] = v
+                for k, v in dn_terms.items():
+                    losses[f"{k}_dn_{i}"] = v[i]
     loss = sum(losses.values())
     return loss, losses
