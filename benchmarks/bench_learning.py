@@ -43,7 +43,7 @@ def main(argv=None) -> dict:
     cfg = TrainConfig(
         data_dir=data, output_dir=os.path.join(work, "run"), config="tiny", epochs=args.epochs,
         batch_size=args.batch_size, image_size=args.image_size, max_boxes=8, no_aug_epochs=max(args.epochs // 5, 1),
-        learning_rate=args.lr, backbone_lr_multiplier=1.0, warmup_steps=100, ema_decay=0.999,
+        learning_rate=args.lr, backbone_lr_multiplier=1.0, warmup_steps=100, ema_decay=0.99,
         ema_warmup_steps=100, save_every=10**9, eval_every=max(args.epochs // 2, 1), log_every=10,
         progress=not args.smoke,
     )

@@ -61,6 +61,7 @@ class RTDetrV2ForObjectDetection:
             variables = jax.jit(self.module.init)(jax.random.PRNGKey(seed), dummy)
         self.variables = jax.tree_util.tree_map(jnp.asarray, variables)
         self._forward = jax.jit(self.module.apply)
+        self._forward_with_loss = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -87,15 +88,38 @@ class RTDetrV2ForObjectDetection:
             raise ValueError(f"pixel_values of {shape[2]}x{shape[3]} give {tokens} encoder tokens, fewer than "
                              f"num_queries={self.config.num_queries}; use a larger input")
 
-    def __call__(self, pixel_values=None, variables=None, **kwargs) -> RTDetrV2ObjectDetectionOutput:
+    def __call__(self, pixel_values=None, variables=None, labels=None, **kwargs) -> RTDetrV2ObjectDetectionOutput:
+        """Forward pass; with `labels` (transformers' list of `{"class_labels": (n,), "boxes": (n, 4) normalised
+        cxcywh}`) also `loss` and `loss_dict`, computed as transformers does in eval mode (running batch-norm
+        statistics, no denoising). Training uses `rtdetr_jax.train` (batch statistics, denoising, jit step)."""
         if pixel_values is None:
             raise ValueError("pixel_values is required")
         unused = sorted(k for k, v in kwargs.items() if v is not None and k not in ("pixel_mask",))
         if unused:
             raise TypeError(f"unsupported argument(s) for inference: {', '.join(unused)}")
         self.check_pixel_values(pixel_values)
-        return self._forward(self.variables if variables is None else variables, jnp.asarray(pixel_values,
-                                                                                              jnp.float32))
+        variables = self.variables if variables is None else variables
+        pixel_values = jnp.asarray(pixel_values, jnp.float32)
+        if labels is None:
+            return self._forward(variables, pixel_values)
+        from rtdetr_jax.loss.criterion import pad_targets
+
+        if len(labels) != pixel_values.shape[0]:
+            raise ValueError(f"labels has {len(labels)} entries for a batch of {pixel_values.shape[0]} images")
+        targets = pad_targets(labels)
+        if targets.max_boxes > self.config.num_queries:
+            raise ValueError(f"an image has {targets.max_boxes} boxes, more than num_queries="
+                             f"{self.config.num_queries}")
+        if self._forward_with_loss is None:
+            from rtdetr_jax.loss.criterion import rtdetr_loss
+
+            def forward_with_loss(v, x, t):
+                out = self.module.apply(v, x)
+                loss, terms = rtdetr_loss(out, t, self.config)
+                return out.replace(loss=loss, loss_dict=terms)
+
+            self._forward_with_loss = jax.jit(forward_with_loss)
+        return self._forward_with_loss(variables, pixel_values, jax.tree_util.tree_map(jnp.asarray, targets))
 
     # ------------------------------------------------------------------ loading
     @classmethod

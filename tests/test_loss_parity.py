@@ -124,6 +124,13 @@ def test_loss_parity_without_denoising(reference_and_model):
     their_grads.pop("model.denoising_class_embed.weight", None)  # unused without denoising
     assert_grads_close(our_grads, their_grads)
 
+    # the transformers-style call: model(pixel_values=..., labels=[...]) -> loss, loss_dict (float32)
+    out = model(pixel_values=pixel_values, labels=labels)
+    assert_terms_close({k: float(v) for k, v in out.loss_dict.items()}, theirs, tol=1e-3)
+    assert abs(float(out.loss) - their_total) <= 1e-3
+    with pytest.raises(ValueError, match="labels has 1 entries for a batch of 2"):
+        model(pixel_values=pixel_values, labels=labels[:1])
+
 
 @pytest.mark.parametrize("counts", [(3, 5), (0, 2)], ids=["3+5_boxes", "empty_image"])
 def test_loss_parity_with_injected_denoising(reference_and_model, monkeypatch, counts):

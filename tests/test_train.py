@@ -148,7 +148,8 @@ def test_train_smoke_via_cli_and_export(shapes, tmp_path, compile_cache):
 
 
 MULTI_DEVICE = textwrap.dedent("""
-    import sys, numpy as np, jax
+    import sys, numpy as np, jax, jax.numpy as jnp
+    jax.config.update("jax_enable_x64", True)
     sys.path.insert(0, {tests!r})
     assert len(jax.devices()) == 8, jax.devices()
     from flax import traverse_util
@@ -164,27 +165,33 @@ MULTI_DEVICE = textwrap.dedent("""
     optim = OptimConfig(learning_rate=1e-3, warmup_steps=0)
     tx = make_optimizer(optim, model.params)
     rng = np.random.default_rng(0)
-    pixels = rng.random((8, 3, 96, 96), dtype=np.float32)
+    pixels = rng.random((8, 3, 96, 96))
     labels = [{{"class_labels": rng.integers(0, 4, n),
                "boxes": np.concatenate([rng.uniform(.3, .7, (n, 2)), rng.uniform(.1, .3, (n, 2))], 1)}}
               for n in (1, 3, 0, 2, 5, 1, 2, 4)]
     targets = pad_targets(labels, 6)
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
-        steps = make_steps(config, optim, tx, mesh=data_mesh(devices))
-        state = steps.replicate(create_train_state(model.variables, tx, seed=0))
-        for _ in range(2):
-            state, metrics = steps.train_step(state, *steps.shard_batch((pixels, targets)))
+        steps = make_steps(config, optim, tx, dtype=jnp.float64, mesh=data_mesh(devices))
+        state = steps.replicate(create_train_state(model.variables, tx, seed=0, param_dtype=jnp.float64))
+        state, metrics = steps.train_step(state, *steps.shard_batch((pixels, targets)))
         sharding = state.params["model"]["enc_score_head"]["kernel"].sharding
         print(len(devices), "devices; loss", float(metrics["loss"]), "params on", len(sharding.device_set))
         results.append(traverse_util.flatten_dict(jax.device_get(state.params)))
     worst = max(float(np.abs(results[0][k] - results[1][k]).max()) for k in results[0])
-    print("max param difference", worst)
-    assert worst <= 1e-5, worst
+    moved = max(float(np.abs(results[0][k] - np.asarray(v)).max())
+                for k, v in traverse_util.flatten_dict(model.params).items())
+    print("max param difference", worst, "largest update", moved)
+    assert moved > 1e-4 and worst <= 1e-5, worst
 """)
 
 
 def test_eight_devices_equal_one_device(compile_cache):
+    """One train step on a global batch of 8: sharded over 8 CPU devices vs on one device.
+
+    Run in float64: in float32, Adam's first update g / (|g| + eps) turns reduction-order noise in the
+    near-zero gradients of a fresh model into ~1e-4 parameter differences (measured), which says nothing
+    about the data-parallel computation itself."""
     env = dict(compile_cache)
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     script = MULTI_DEVICE.format(tests=os.path.dirname(os.path.abspath(__file__)))
@@ -235,7 +242,20 @@ def test_resume_after_kill_matches_uninterrupted_run(shapes, tmp_path, compile_c
     params = []
     for run in (full, killed):
         ckpt = Checkpointer(run / "checkpoints")
-        restored = ckpt.last.restore(24)
-        params.append(traverse_util.flatten_dict(restored["state"]["params"]))
+        state, meta = ckpt.restore_arrays(24)
+        assert meta["step"] == 24
+        params.append(traverse_util.flatten_dict(state["params"]))
         ckpt.close()
     assert all(np.array_equal(params[0][k], params[1][k]) for k in params[0])
+
+
+def test_images_without_boxes_give_a_finite_loss():
+    from rtdetr_jax.model import RTDetrV2ForObjectDetection
+
+    model = RTDetrV2ForObjectDetection(small_config())
+    empty = {"class_labels": np.zeros((0,), np.int64), "boxes": np.zeros((0, 4), np.float32)}
+    out = model(pixel_values=np.random.default_rng(0).random((2, 3, 96, 96), np.float32), labels=[empty, empty])
+    assert np.isfinite(float(out.loss))
+    assert all(np.isfinite(float(v)) for v in out.loss_dict.values())
+    # no boxes: only the classification terms can be non-zero
+    assert float(out.loss_dict["loss_bbox"]) == 0.0 and float(out.loss_dict["loss_giou"]) == 0.0

@@ -35,6 +35,7 @@ class RTDetrV2ObjectDetectionOutput:
     Training with denoising queries adds dn_intermediate_logits / dn_intermediate_reference_points
     (batch, decoder_layers, slots, ...) and the `DenoisingQueries` they came from; the fields above then hold the
     matching queries only (transformers concatenates both and splits them in the loss).
+    loss / loss_dict: total and named loss terms when called with labels.
     """
 
     logits: Any = None
@@ -52,6 +53,8 @@ class RTDetrV2ObjectDetectionOutput:
     dn_intermediate_logits: Any = None
     dn_intermediate_reference_points: Any = None
     denoising: Any = None
+    loss: Any = None
+    loss_dict: Any = None
 
     def __getitem__(self, key: str):
         return getattr(self, key)

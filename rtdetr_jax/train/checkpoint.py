@@ -55,6 +55,14 @@ class Checkpointer:
         )
         return restored["state"], restored["meta"]
 
+    def restore_arrays(self, step: int, best: bool = False) -> tuple[dict, dict]:
+        """The saved state as a nested dict of arrays (no target needed), and the JSON record."""
+        manager = self.best if best else self.last
+        restored = manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+        )
+        return restored["state"], restored["meta"]
+
     def wait(self) -> None:
         self.last.wait_until_finished()
         self.best.wait_until_finished()

@@ -27,10 +27,13 @@ class TrainState:
         return {"params": self.params, "batch_stats": self.batch_stats}
 
 
-def create_train_state(variables, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:
-    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), variables["params"])
-    batch_stats = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), variables["batch_stats"])
-    copy = lambda t: jax.tree_util.tree_map(jnp.array, t)  # noqa: E731  (no aliasing with donated buffers)
+def create_train_state(variables, tx: optax.GradientTransformation, seed: int = 0,
+                       param_dtype=jnp.float32) -> TrainState:
+    """Parameters are kept in `param_dtype` (float32; float64 under x64 for exactness tests)."""
+    # fresh buffers (jnp.array copies): the train step donates the state, which must not free the caller's arrays
+    copy = lambda t: jax.tree_util.tree_map(lambda a: jnp.array(a, param_dtype), t)  # noqa: E731
+    params = copy(variables["params"])
+    batch_stats = copy(variables["batch_stats"])
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,

@@ -1,0 +1,118 @@
+"""Training throughput side by side: our jit train step vs transformers' PyTorch forward + loss + backward + AdamW
+step, same weights, same batch, same targets, same machine, one run.
+
+    python benchmarks/bench_training.py                         # r18vd, batch 4 at 640x640 (the issue's setting)
+    python benchmarks/bench_training.py --size 320 --batch 2    # quicker
+
+Both sides train in float32 with denoising on and the same optimizer settings. Prints a table and writes JSON to
+benchmarks/results/training.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="r18vd")
+    ap.add_argument("--size", type=int, default=640)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "training.json"))
+    args = ap.parse_args(argv)
+
+    import jax
+    import numpy as np
+    import torch
+    from transformers import RTDetrV2ForObjectDetection as HF
+
+    from rtdetr_jax.config import RTDetrV2Config
+    from rtdetr_jax.loss.criterion import pad_targets
+    from rtdetr_jax.model import RTDetrV2ForObjectDetection
+    from rtdetr_jax.train.optim import OptimConfig, make_optimizer
+    from rtdetr_jax.train.state import create_train_state
+    from rtdetr_jax.train.step import make_steps
+
+    config = RTDetrV2Config.from_preset(args.preset)
+    rng = np.random.default_rng(0)
+    pixels = rng.random((args.batch, 3, args.size, args.size), dtype=np.float32)
+    labels = []
+    for _ in range(args.batch):
+        n = int(rng.integers(3, 10))
+        labels.append({"class_labels": rng.integers(0, config.num_labels, n),
+                       "boxes": np.concatenate([rng.uniform(.2, .8, (n, 2)), rng.uniform(.05, .3, (n, 2))], 1)})
+
+    with tempfile.TemporaryDirectory() as folder:
+        RTDetrV2ForObjectDetection(config).save_pretrained(folder)
+        torch.manual_seed(0)
+        reference = HF.from_pretrained(folder).train()
+        ours = RTDetrV2ForObjectDetection.from_pretrained(folder)
+
+    # PyTorch: forward + loss + backward + AdamW
+    opt = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-4)
+    x = torch.from_numpy(pixels)
+    tl = [{"class_labels": torch.as_tensor(t["class_labels"]), "boxes": torch.as_tensor(t["boxes"]).float()}
+          for t in labels]
+
+    def torch_step():
+        opt.zero_grad()
+        loss = reference(pixel_values=x, labels=tl).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1)
+        opt.step()
+
+    torch_step()  # warm-up
+    torch_times = []
+    for _ in range(args.iters):
+        t = time.perf_counter()
+        torch_step()
+        torch_times.append(time.perf_counter() - t)
+
+    optim = OptimConfig(warmup_steps=0)
+    tx = make_optimizer(optim, ours.params)
+    steps = make_steps(config, optim, tx)
+    state = steps.replicate(create_train_state(ours.variables, tx))
+    batch = steps.shard_batch((pixels, pad_targets(labels, 16)))
+    t = time.perf_counter()
+    state, metrics = steps.train_step(state, *batch)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t
+    jax_times = []
+    for _ in range(args.iters):
+        t = time.perf_counter()
+        state, metrics = steps.train_step(state, *batch)
+        jax.block_until_ready(metrics)
+        jax_times.append(time.perf_counter() - t)
+
+    tj, tt = statistics.median(jax_times), statistics.median(torch_times)
+    result = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "devices": str(jax.devices())},
+        "settings": vars(args) | {"out": None},
+        "jax_step_s": tj, "torch_step_s": tt,
+        "jax_images_per_s": args.batch / tj, "torch_images_per_s": args.batch / tt,
+        "throughput_ratio": tt / tj, "jax_first_step_s": compile_s,
+    }
+    print(f"| {args.preset} batch {args.batch} at {args.size} | rtdetr-jax | transformers (PyTorch) |")
+    print("|---|---|---|")
+    print(f"| step (median of {args.iters}) | {tj:.3f} s | {tt:.3f} s |")
+    print(f"| images/s | {args.batch / tj:.2f} | {args.batch / tt:.2f} |")
+    print(f"| first step (compile) | {compile_s:.1f} s | - |")
+    print(f"throughput ratio (ours / PyTorch): {tt / tj:.2f}")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
