@@ -18,10 +18,9 @@ import numpy as np
 
 from rtdetr_jax.data.coco import CocoDetection
 from rtdetr_jax.data.transforms import eval_transform, train_transform
-from rtdetr_jax.loss.criterion import Targets
+from rtdetr_jax.loss.criterion import SAFE_BOX, Targets
 from rtdetr_jax.processing import ImageLoadError
 
-_SAFE_BOX = np.asarray([0.5, 0.5, 0.5, 0.5], np.float32)
 
 
 @dataclasses.dataclass
@@ -111,7 +110,7 @@ class DetectionLoader:
         size = self._size(epoch, index)
         pixel_values = np.zeros((cfg.batch_size, 3, size, size), np.float32)
         labels = np.zeros((cfg.batch_size, cfg.max_boxes), np.int32)
-        boxes = np.tile(_SAFE_BOX, (cfg.batch_size, cfg.max_boxes, 1))
+        boxes = np.tile(np.asarray(SAFE_BOX, np.float32), (cfg.batch_size, cfg.max_boxes, 1))
         mask = np.zeros((cfg.batch_size, cfg.max_boxes), bool)
         image_ids = np.full((cfg.batch_size,), -1, np.int64)
         sizes = np.ones((cfg.batch_size, 2), np.int64)

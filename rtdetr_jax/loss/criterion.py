@@ -19,7 +19,7 @@ import numpy as np
 from rtdetr_jax.loss.matcher import hungarian_matcher
 from rtdetr_jax.ops.boxes import cxcywh_to_xyxy, elementwise_generalized_iou, elementwise_iou
 
-_SAFE_BOX = (0.5, 0.5, 0.5, 0.5)  # stands in for padding so that IoU maths never sees a zero-area box
+SAFE_BOX = (0.5, 0.5, 0.5, 0.5)  # stands in for padding so that IoU maths never sees a zero-area box
 
 
 @flax.struct.dataclass
@@ -47,7 +47,7 @@ def pad_targets(labels: list[dict], max_boxes: int | None = None) -> Targets:
     if max(counts, default=0) > max_boxes:
         raise ValueError(f"an image has {max(counts)} boxes, more than max_boxes={max_boxes}")
     out_labels = np.zeros((len(labels), max_boxes), np.int32)
-    out_boxes = np.tile(np.asarray(_SAFE_BOX, np.float32), (len(labels), max_boxes, 1))
+    out_boxes = np.tile(np.asarray(SAFE_BOX, np.float32), (len(labels), max_boxes, 1))
     mask = np.zeros((len(labels), max_boxes), bool)
     for i, (t, n) in enumerate(zip(labels, counts)):
         boxes = np.asarray(t["boxes"], np.float32).reshape(-1, 4)
@@ -78,7 +78,7 @@ def pair_losses(logits, pred_boxes, query_index, gt_index, pair_mask, targets: T
     valid = pair_mask & (query_index >= 0)
     q = jnp.where(valid, query_index, 0)
     g = jnp.where(valid, gt_index, 0)
-    safe = jnp.asarray(_SAFE_BOX, pred_boxes.dtype)
+    safe = jnp.asarray(SAFE_BOX, pred_boxes.dtype)
     src = jnp.take_along_axis(pred_boxes, q[..., None], axis=1)  # (batch, pairs, 4)
     src = jnp.where(valid[..., None], src, safe)
     tgt = jnp.take_along_axis(targets.boxes, g[..., None], axis=1).astype(pred_boxes.dtype)

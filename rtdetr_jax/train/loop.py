@@ -16,12 +16,12 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rtdetr_jax.config import RTDetrV2Config
 from rtdetr_jax.data.coco import load_split
 from rtdetr_jax.data.loader import DetectionLoader, LoaderConfig
+from rtdetr_jax.model import _as_dtype
 from rtdetr_jax.modeling.detector import init_input_size
 from rtdetr_jax.train.checkpoint import Checkpointer
 from rtdetr_jax.train.evaluate import evaluate
@@ -172,7 +172,7 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
 
     optim = cfg.optim(total_steps)
     tx = make_optimizer(optim, model.params)
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.dtype]
+    dtype = _as_dtype(cfg.dtype)
     steps = make_steps(config, optim, tx, dtype=dtype)
     state = steps.replicate(create_train_state(model.variables, tx, cfg.seed))
     ckpt = Checkpointer(os.path.join(cfg.output_dir, "checkpoints"), keep=cfg.keep)
@@ -262,7 +262,7 @@ def evaluate_model(model: str, data_dir: str, split: str = "val", image_size: in
     loader = DetectionLoader(dataset, LoaderConfig(batch_size=batch_size, image_size=image_size, train=False,
                                                    max_boxes=max(1, max((len(b) for b in dataset.boxes), default=1)),
                                                    workers=workers))
-    steps = make_eval_steps(net.config, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype])
+    steps = make_eval_steps(net.config, dtype=_as_dtype(dtype))
     bar = _progress(loader.batches_per_epoch(), 0, progress, "evaluate")
     try:
         return evaluate(steps, steps.replicate(net.variables), loader, progress=bar)
