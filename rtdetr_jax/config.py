@@ -362,4 +362,6 @@ PRESETS["tiny"] = dict(
     decoder_layers=3,
     num_queries=60,
     num_denoising=30,
+    # trained from scratch, not from ImageNet weights: the backbone's batch norms train (batch statistics)
+    freeze_backbone_batch_norms=False,
 )

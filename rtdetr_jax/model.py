@@ -62,6 +62,9 @@ class RTDetrV2ForObjectDetection:
         self.variables = jax.tree_util.tree_map(jnp.asarray, variables)
         self._forward = jax.jit(self.module.apply)
         self._forward_with_loss = None
+        self.converted_from: str | None = None  # the safetensors file converted at load time, if any
+        self.conversion_cache: str | None = None  # where that conversion is cached (convert/cache.py)
+        self.loaded_from_cache = False
 
     # ------------------------------------------------------------------ properties
     @property
@@ -126,7 +129,8 @@ class RTDetrV2ForObjectDetection:
     def from_pretrained(cls, name_or_path: str | os.PathLike, revision: str | None = None, dtype="float32",
                         config: RTDetrV2Config | None = None) -> "RTDetrV2ForObjectDetection":
         """Load from a folder or Hub repo holding `config.json` plus `flax_model.msgpack` (written by
-        `save_pretrained` / the port CLI) or transformers' `model.safetensors` (sharded index too)."""
+        `save_pretrained` / the port CLI) or transformers' `model.safetensors` (sharded index too). A converted
+        safetensors checkpoint is cached (`rtdetr_jax/convert/cache.py`), so the next load skips the conversion."""
         if config is None:
             config = RTDetrV2Config.from_pretrained(name_or_path, revision=revision)
         flax_file = resolve_file(name_or_path, FLAX_WEIGHTS, revision=revision, required=False)
@@ -145,7 +149,16 @@ class RTDetrV2ForObjectDetection:
             for shard in shards:  # make sure every shard is downloaded next to the index
                 resolve_file(name_or_path, shard, revision=revision)
             weights = index
-        return cls(config, load_transformers_checkpoint(weights, config), dtype=dtype)
+        from rtdetr_jax.convert.cache import load_or_convert
+
+        variables, cache_file, cached = load_or_convert(
+            weights, config, convert=lambda: load_transformers_checkpoint(weights, config),
+            load=lambda path: load_flax_variables(path, config), save=save_flax_variables)
+        model = cls(config, variables, dtype=dtype)
+        model.converted_from = weights
+        model.conversion_cache = cache_file
+        model.loaded_from_cache = cached
+        return model
 
     def save_pretrained(self, directory: str | os.PathLike, flax_weights: bool = True) -> None:
         """Write transformers-loadable `model.safetensors` + `config.json` + `preprocessor_config.json`, and

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,9 +37,13 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     if os.path.isdir(path):
         raise ImageLoadError(f"{path}: is a folder, not an image")
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.copy() if not getattr(img, "is_animated", False) else img.convert("RGBA")
+        with warnings.catch_warnings():
+            # 89-178 megapixels: PIL warns (a decompression-bomb guard); such photos are legitimate, and
+            # anything larger still fails below with a one-line error
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                return img.copy() if not getattr(img, "is_animated", False) else img.convert("RGBA")
     except UnidentifiedImageError:
         raise ImageLoadError(f"{path}: not a readable image file") from None
     except (OSError, SyntaxError, ValueError) as err:

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+# converted-weights cache (rtdetr_jax/convert/cache.py) in a throw-away folder, not the user's ~/.cache;
+# subprocesses started by tests inherit it
+os.environ["RTDETR_JAX_CACHE"] = tempfile.mkdtemp(prefix="rtdetr-jax-test-cache-")
 
 from images import synthetic_batch  # noqa: E402
 

@@ -61,6 +61,9 @@ def test_parameter_groups():
     assert parameter_group(("model", "encoder", "fpn_blocks_0", "conv1", "norm", "weight")) == "no_decay"
     assert parameter_group(("model", "denoising_class_embed", "embedding")) == "no_decay"
     assert parameter_group(("model", "decoder", "layers_0", "fc1", "kernel")) == "default"
+    # freeze_backbone_batch_norms=False (the `tiny` preset, trained from scratch): backbone norms train, no decay
+    assert parameter_group(("model", "backbone", "model", "embedder", "embedder_0", "normalization", "weight"),
+                           freeze_backbone_batch_norms=False) == "backbone_no_decay"
 
 
 def test_optimizer_step_respects_groups():
@@ -259,3 +262,37 @@ def test_images_without_boxes_give_a_finite_loss():
     assert all(np.isfinite(float(v)) for v in out.loss_dict.values())
     # no boxes: only the classification terms can be non-zero
     assert float(out.loss_dict["loss_bbox"]) == 0.0 and float(out.loss_dict["loss_giou"]) == 0.0
+
+
+def test_bfloat16_training_step():
+    """`--dtype bfloat16`: the step computes in bfloat16 (convolutions and matmuls), keeps float32 parameters,
+    optimizer state and EMA, and its loss is finite and close to the float32 step's on the same batch."""
+    from rtdetr_jax.loss.criterion import pad_targets
+    from rtdetr_jax.train.loop import fresh_model
+    from rtdetr_jax.train.state import create_train_state
+    from rtdetr_jax.train.step import make_steps
+
+    config = small_config()
+    model = fresh_model(config, seed=0)
+    optim = OptimConfig(learning_rate=1e-3, warmup_steps=0)
+    tx = make_optimizer(optim, model.params)
+    rng = np.random.default_rng(0)
+    pixels = rng.random((2, 3, 96, 96)).astype(np.float32)
+    targets = pad_targets([{"class_labels": np.array([1, 2]), "boxes": np.array([[.3, .4, .2, .2], [.7, .6, .3, .2]])},
+                           {"class_labels": np.array([0]), "boxes": np.array([[.5, .5, .4, .4]])}], 4)
+    steps = make_steps(config, optim, tx, dtype=jnp.bfloat16)
+    state = steps.replicate(create_train_state(model.variables, tx, seed=0))
+    batch = steps.shard_batch((pixels, targets))
+    hlo = steps.train_step.lower(state, *batch).as_text()
+    assert "bf16" in hlo and "convolution" in hlo
+    state, metrics = steps.train_step(state, *batch)
+    loss = float(metrics["loss"])
+    assert np.isfinite(loss)
+    floats = [leaf.dtype for tree in (state.params, state.ema, state.opt_state)
+              for leaf in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    assert floats and set(floats) == {jnp.dtype(jnp.float32)}
+    # the same first step in float32 (model(labels=...) is eval mode; use the float32 train step's loss)
+    steps32 = make_steps(config, optim, tx, dtype=jnp.float32)
+    state32 = steps32.replicate(create_train_state(model.variables, tx, seed=0))
+    _, metrics32 = steps32.train_step(state32, *steps32.shard_batch((pixels, targets)))
+    assert abs(loss - float(metrics32["loss"])) <= 0.05 * abs(float(metrics32["loss"])), (loss, metrics32["loss"])

@@ -162,7 +162,9 @@ def variables_to_state_dict(variables: dict[str, Any], config: RTDetrV2Config) -
     if missing:
         raise ConversionError(f"variables: missing entry for {missing[0]!r}")
     for key in list(state):
-        if key.endswith(".running_mean") and not key.startswith("model.backbone."):
+        if key.endswith(".running_mean") and (
+            not key.startswith("model.backbone.") or not config.freeze_backbone_batch_norms
+        ):
             # non-frozen BatchNorm2d in transformers carries a step counter
             state[key.replace(".running_mean", ".num_batches_tracked")] = np.zeros((), np.int64)
         if key.endswith(".encoder_attn.value_proj.weight"):

@@ -34,19 +34,20 @@ def avg_pool_2x2_ceil(x):
 
 
 class ConvLayer(nn.Module):
-    """conv -> frozen BN -> activation (`RTDetrResNetConvLayer`)."""
+    """conv -> BN (frozen unless `frozen_bn=False`) -> activation (`RTDetrResNetConvLayer`)."""
 
     features: int
     kernel_size: int = 3
     stride: int = 1
     act: str | None = "relu"
     dtype: Dtype = jnp.float32
+    frozen_bn: bool = True  # config.freeze_backbone_batch_norms
 
     @nn.compact
     def __call__(self, x):
         x = Conv2d(self.features, self.kernel_size, self.stride, self.kernel_size // 2, dtype=self.dtype,
                    name="convolution")(x)
-        x = BatchNorm(FROZEN_BN_EPS, dtype=self.dtype, frozen=True, name="normalization")(x)
+        x = BatchNorm(FROZEN_BN_EPS, dtype=self.dtype, frozen=self.frozen_bn, name="normalization")(x)
         return activation(self.act)(x)
 
 
@@ -56,11 +57,12 @@ class ShortCut(nn.Module):
     features: int
     stride: int = 1
     dtype: Dtype = jnp.float32
+    frozen_bn: bool = True  # config.freeze_backbone_batch_norms
 
     @nn.compact
     def __call__(self, x):
         x = Conv2d(self.features, 1, self.stride, 0, dtype=self.dtype, name="convolution")(x)
-        return BatchNorm(FROZEN_BN_EPS, dtype=self.dtype, frozen=True, name="normalization")(x)
+        return BatchNorm(FROZEN_BN_EPS, dtype=self.dtype, frozen=self.frozen_bn, name="normalization")(x)
 
 
 class BasicLayer(nn.Module):
@@ -72,6 +74,7 @@ class BasicLayer(nn.Module):
     stride: int = 1
     should_apply_shortcut: bool = False
     dtype: Dtype = jnp.float32
+    frozen_bn: bool = True  # config.freeze_backbone_batch_norms
 
     @nn.compact
     def __call__(self, x):
@@ -79,11 +82,11 @@ class BasicLayer(nn.Module):
         if self.should_apply_shortcut:
             if self.in_channels != self.out_channels:
                 # transformers' nn.Sequential(AvgPool2d, ShortCut): the ShortCut is entry 1.
-                residual = ShortCut(self.out_channels, 1, self.dtype, name="shortcut_1")(avg_pool_2x2_ceil(x))
+                residual = ShortCut(self.out_channels, 1, self.dtype, frozen_bn=self.frozen_bn, name="shortcut_1")(avg_pool_2x2_ceil(x))
             else:
-                residual = ShortCut(self.out_channels, self.stride, self.dtype, name="shortcut")(x)
-        x = ConvLayer(self.out_channels, 3, self.stride, self.config.hidden_act, self.dtype, name="layer_0")(x)
-        x = ConvLayer(self.out_channels, 3, 1, None, self.dtype, name="layer_1")(x)
+                residual = ShortCut(self.out_channels, self.stride, self.dtype, frozen_bn=self.frozen_bn, name="shortcut")(x)
+        x = ConvLayer(self.out_channels, 3, self.stride, self.config.hidden_act, self.dtype, frozen_bn=self.frozen_bn, name="layer_0")(x)
+        x = ConvLayer(self.out_channels, 3, 1, None, self.dtype, frozen_bn=self.frozen_bn, name="layer_1")(x)
         return activation(self.config.hidden_act)(x + residual)
 
 
@@ -95,6 +98,7 @@ class BottleNeckLayer(nn.Module):
     out_channels: int
     stride: int = 1
     dtype: Dtype = jnp.float32
+    frozen_bn: bool = True  # config.freeze_backbone_batch_norms
 
     @nn.compact
     def __call__(self, x):
@@ -104,15 +108,15 @@ class BottleNeckLayer(nn.Module):
         if self.stride == 2:
             residual = avg_pool_2x2_ceil(x)
             if project:
-                residual = ShortCut(self.out_channels, 1, self.dtype, name="shortcut_1")(residual)
+                residual = ShortCut(self.out_channels, 1, self.dtype, frozen_bn=self.frozen_bn, name="shortcut_1")(residual)
         elif project:
-            residual = ShortCut(self.out_channels, self.stride, self.dtype, name="shortcut")(x)
+            residual = ShortCut(self.out_channels, self.stride, self.dtype, frozen_bn=self.frozen_bn, name="shortcut")(x)
         first_stride = self.stride if self.config.downsample_in_bottleneck else 1
         mid_stride = 1 if self.config.downsample_in_bottleneck else self.stride
         act = self.config.hidden_act
-        x = ConvLayer(reduced, 1, first_stride, act, self.dtype, name="layer_0")(x)
-        x = ConvLayer(reduced, 3, mid_stride, act, self.dtype, name="layer_1")(x)
-        x = ConvLayer(self.out_channels, 1, 1, None, self.dtype, name="layer_2")(x)
+        x = ConvLayer(reduced, 1, first_stride, act, self.dtype, frozen_bn=self.frozen_bn, name="layer_0")(x)
+        x = ConvLayer(reduced, 3, mid_stride, act, self.dtype, frozen_bn=self.frozen_bn, name="layer_1")(x)
+        x = ConvLayer(self.out_channels, 1, 1, None, self.dtype, frozen_bn=self.frozen_bn, name="layer_2")(x)
         return activation(act)(x + residual)
 
 
@@ -123,6 +127,7 @@ class Stage(nn.Module):
     stride: int
     depth: int
     dtype: Dtype = jnp.float32
+    frozen_bn: bool = True  # config.freeze_backbone_batch_norms
 
     @nn.compact
     def __call__(self, x):
@@ -131,9 +136,9 @@ class Stage(nn.Module):
             cin = self.in_channels if i == 0 else self.out_channels
             stride = self.stride if i == 0 else 1
             if cfg.layer_type == "bottleneck":
-                x = BottleNeckLayer(cfg, cin, self.out_channels, stride, self.dtype, name=f"layers_{i}")(x)
+                x = BottleNeckLayer(cfg, cin, self.out_channels, stride, self.dtype, frozen_bn=self.frozen_bn, name=f"layers_{i}")(x)
             else:
-                x = BasicLayer(cfg, cin, self.out_channels, stride, i == 0, self.dtype, name=f"layers_{i}")(x)
+                x = BasicLayer(cfg, cin, self.out_channels, stride, i == 0, self.dtype, frozen_bn=self.frozen_bn, name=f"layers_{i}")(x)
         return x
 
 
@@ -142,20 +147,22 @@ class Embedder(nn.Module):
 
     config: RTDetrResNetConfig
     dtype: Dtype = jnp.float32
+    frozen_bn: bool = True  # config.freeze_backbone_batch_norms
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
         half = cfg.embedding_size // 2
-        x = ConvLayer(half, 3, 2, cfg.hidden_act, self.dtype, name="embedder_0")(x)
-        x = ConvLayer(half, 3, 1, cfg.hidden_act, self.dtype, name="embedder_1")(x)
-        x = ConvLayer(cfg.embedding_size, 3, 1, cfg.hidden_act, self.dtype, name="embedder_2")(x)
+        x = ConvLayer(half, 3, 2, cfg.hidden_act, self.dtype, frozen_bn=self.frozen_bn, name="embedder_0")(x)
+        x = ConvLayer(half, 3, 1, cfg.hidden_act, self.dtype, frozen_bn=self.frozen_bn, name="embedder_1")(x)
+        x = ConvLayer(cfg.embedding_size, 3, 1, cfg.hidden_act, self.dtype, frozen_bn=self.frozen_bn, name="embedder_2")(x)
         return nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
 
 
 class ResNetEncoder(nn.Module):
     config: RTDetrResNetConfig
     dtype: Dtype = jnp.float32
+    frozen_bn: bool = True  # config.freeze_backbone_batch_norms
 
     @nn.compact
     def __call__(self, x):
@@ -164,7 +171,7 @@ class ResNetEncoder(nn.Module):
         in_channels = cfg.embedding_size
         for i, (out_channels, depth) in enumerate(zip(cfg.hidden_sizes, cfg.depths)):
             stride = 2 if (i > 0 or cfg.downsample_in_first_stage) else 1
-            x = Stage(cfg, in_channels, out_channels, stride, depth, self.dtype, name=f"stages_{i}")(x)
+            x = Stage(cfg, in_channels, out_channels, stride, depth, self.dtype, frozen_bn=self.frozen_bn, name=f"stages_{i}")(x)
             outputs.append(x)
             in_channels = out_channels
         return outputs
@@ -175,9 +182,10 @@ class ResNetBackbone(nn.Module):
 
     config: RTDetrResNetConfig
     dtype: Dtype = jnp.float32
+    frozen_bn: bool = True  # config.freeze_backbone_batch_norms
 
     @nn.compact
     def __call__(self, pixel_values):
-        x = Embedder(self.config, self.dtype, name="embedder")(pixel_values)
-        stages = ResNetEncoder(self.config, self.dtype, name="encoder")(x)
+        x = Embedder(self.config, self.dtype, frozen_bn=self.frozen_bn, name="embedder")(pixel_values)
+        stages = ResNetEncoder(self.config, self.dtype, frozen_bn=self.frozen_bn, name="encoder")(x)
         return [stages[i] for i in self.config.out_indices]

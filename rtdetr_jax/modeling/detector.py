@@ -93,7 +93,8 @@ class ConvEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, pixel_values):
-        return ResNetBackbone(self.config.backbone_config, self.dtype, name="model")(pixel_values)
+        return ResNetBackbone(self.config.backbone_config, self.dtype,
+                              frozen_bn=self.config.freeze_backbone_batch_norms, name="model")(pixel_values)
 
 
 class ConvBN(nn.Module):

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from rtdetr_jax.config import RTDetrV2Config
+from rtdetr_jax.config import PRESETS, RTDetrV2Config
 from rtdetr_jax.data.coco import load_split
 from rtdetr_jax.data.loader import DetectionLoader, LoaderConfig
 from rtdetr_jax.model import _as_dtype
@@ -86,7 +86,7 @@ def build_model(cfg: TrainConfig, id2label: dict[int, str]):
         merged = {k: (old[k] if k in old and np.shape(old[k]) == np.shape(v) else v) for k, v in new.items()}
         return RTDetrV2ForObjectDetection(config, traverse_util.unflatten_dict(merged))
     spec = cfg.config or "r18vd"
-    if os.path.isfile(spec) or os.path.isdir(spec):
+    if spec not in PRESETS:  # a preset name wins over a same-named folder in the working directory ("./tiny")
         path = os.path.join(spec, "config.json") if os.path.isdir(spec) else spec
         config = dataclasses.replace(RTDetrV2Config.from_json_file(path), id2label=dict(id2label))
     else:
@@ -170,7 +170,8 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
         raise ValueError(f"{cfg.data_dir}: {len(train_set)} training images, fewer than batch_size={cfg.batch_size}")
     total_steps = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
 
-    optim = cfg.optim(total_steps)
+    optim = dataclasses.replace(cfg.optim(total_steps),
+                                freeze_backbone_batch_norms=config.freeze_backbone_batch_norms)
     tx = make_optimizer(optim, model.params)
     dtype = _as_dtype(cfg.dtype)
     steps = make_steps(config, optim, tx, dtype=dtype)
@@ -239,20 +240,35 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
 
     from rtdetr_jax.model import RTDetrV2ForObjectDetection
 
+    from rtdetr_jax.processing import RTDetrImageProcessor
+
     final = RTDetrV2ForObjectDetection(config, jax.device_get(state.ema))
     export_dir = os.path.join(cfg.output_dir, "model")
+    # the processor resizes to the size trained at, so detect/evaluate see what training saw
+    RTDetrImageProcessor(size={"height": cfg.image_size, "width": cfg.image_size}).save_pretrained(export_dir)
     final.save_pretrained(export_dir)
     skipped = dict(train_loader.skipped) | {f"annotations: {k}": v for k, v in train_set.skipped.items()}
     return {"steps": step, "eval": metrics_eval, "model_dir": export_dir, "skipped": skipped}
 
 
-def evaluate_model(model: str, data_dir: str, split: str = "val", image_size: int = 640, batch_size: int = 8,
-                   dtype: str = "float32", progress: bool = True, workers: int = 2) -> dict[str, float]:
-    """COCO mAP of a saved model (folder or Hub id) on `data_dir`'s `split`."""
+def evaluate_model(model: str, data_dir: str, split: str = "val", image_size: int | None = None,
+                   batch_size: int = 8, dtype: str = "float32", progress: bool = True,
+                   workers: int = 2) -> dict[str, float]:
+    """COCO mAP of a saved model (folder or Hub id) on `data_dir`'s `split`; `image_size` None: the size in the
+    model's `preprocessor_config.json` (what training wrote), else 640."""
+    from rtdetr_jax.hub import resolve_file
     from rtdetr_jax.model import RTDetrV2ForObjectDetection
+    from rtdetr_jax.processing import PREPROCESSOR_CONFIG, RTDetrImageProcessor
     from rtdetr_jax.train.step import make_eval_steps
 
     net = RTDetrV2ForObjectDetection.from_pretrained(model)
+    if image_size is None:
+        image_size = 640
+        if resolve_file(model, PREPROCESSOR_CONFIG, required=False):
+            size = RTDetrImageProcessor.from_pretrained(model).size
+            if size["height"] != size["width"]:
+                raise ValueError(f"{model}: preprocessor size {size} is not square; pass --image-size")
+            image_size = int(size["height"])
     dataset = load_split(data_dir, split)
     if net.config.num_labels != dataset.num_classes:
         raise ValueError(f"{model}: the model has {net.config.num_labels} classes, {data_dir} has "

@@ -29,6 +29,7 @@ class OptimConfig:
     total_steps: int = 0
     ema_decay: float = 0.9999
     ema_warmup_steps: int = 2000
+    freeze_backbone_batch_norms: bool = True  # the model config's; False: backbone norms train like the rest
 
     def __post_init__(self):
         if self.schedule not in ("constant", "cosine"):
@@ -42,11 +43,11 @@ class OptimConfig:
             raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1)")
 
 
-def parameter_group(path: tuple[str, ...]) -> str:
+def parameter_group(path: tuple[str, ...], freeze_backbone_batch_norms: bool = True) -> str:
     """'frozen' | 'backbone' | 'backbone_no_decay' | 'no_decay' | 'default' for one parameter path."""
     in_backbone = "backbone" in path
     leaf = path[-1]
-    if in_backbone and leaf in ("weight", "bias") and path[-2] == "normalization":
+    if freeze_backbone_batch_norms and in_backbone and leaf in ("weight", "bias") and path[-2] == "normalization":
         return "frozen"
     # BatchNorm scales are `weight`, LayerNorm scales `scale`; convolutions and linears use `kernel`
     no_decay = leaf in ("weight", "scale", "bias", "embedding")
@@ -55,9 +56,9 @@ def parameter_group(path: tuple[str, ...]) -> str:
     return "no_decay" if no_decay else "default"
 
 
-def parameter_groups(params):
+def parameter_groups(params, freeze_backbone_batch_norms: bool = True):
     flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict({k: parameter_group(k) for k in flat})
+    return traverse_util.unflatten_dict({k: parameter_group(k, freeze_backbone_batch_norms) for k in flat})
 
 
 def learning_rate_schedule(cfg: OptimConfig, multiplier: float = 1.0):
@@ -88,7 +89,7 @@ def make_optimizer(cfg: OptimConfig, params) -> optax.GradientTransformation:
     One Adam over the whole tree plus per-leaf constants compiles far faster than one optimizer per group and
     computes the same update: -lr * multiplier * (adam + weight_decay * param [decayed groups only]).
     """
-    groups = parameter_groups(params)
+    groups = parameter_groups(params, cfg.freeze_backbone_batch_norms)
     frozen = jax.tree_util.tree_map(lambda g: g == "frozen", groups)
     decayed = jax.tree_util.tree_map(lambda g: g in ("backbone", "default"), groups)
     multiplier = jax.tree_util.tree_map(
