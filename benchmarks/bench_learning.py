@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from common import machine_info, write_result  # noqa: E402
 from rtdetr_jax.data.synthetic import write_shapes_dataset  # noqa: E402
 from rtdetr_jax.train.loop import TrainConfig, fit  # noqa: E402
 
@@ -51,7 +51,7 @@ def main(argv=None) -> dict:
     summary = fit(cfg)
     t_train = time.perf_counter() - t0
     result = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": machine_info(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "workdir")},
         "data_seconds": round(t_data, 1),
         "train_seconds": round(t_train, 1),
@@ -60,9 +60,7 @@ def main(argv=None) -> dict:
     }
     print(json.dumps(result, indent=2))
     if not args.smoke:
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=2)
+        write_result(args.out, result)
     return result
 
 

@@ -11,15 +11,15 @@ benchmarks/results/training.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from common import machine_info, write_result  # noqa: E402
 
 
 def main(argv=None):
@@ -96,7 +96,7 @@ def main(argv=None):
 
     tj, tt = statistics.median(jax_times), statistics.median(torch_times)
     result = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "devices": str(jax.devices())},
+        "machine": machine_info(),
         "settings": vars(args) | {"out": None},
         "jax_step_s": tj, "torch_step_s": tt,
         "jax_images_per_s": args.batch / tj, "torch_images_per_s": args.batch / tt,
@@ -108,9 +108,7 @@ def main(argv=None):
     print(f"| images/s | {args.batch / tj:.2f} | {args.batch / tt:.2f} |")
     print(f"| first step (compile) | {compile_s:.1f} s | - |")
     print(f"throughput ratio (ours / PyTorch): {tt / tj:.2f}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(result, fh, indent=2)
+    write_result(args.out, result)
     return result
 
 

@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="offline end-to-end demo: make a synthetic dataset, train a small model, detect, report COCO AP",
         description="Needs no network and no weights: writes the synthetic shapes dataset into OUT/shapes, trains "
-        "the tiny RT-DETRv2 preset on the CPU (about 6 minutes on 2 cores with the defaults), reports COCO AP on "
+        "the tiny RT-DETRv2 preset on the CPU (about 8 minutes on 2 cores with the defaults), reports COCO AP on "
         "held-out images, then detects on freshly generated images into OUT/detections and tiles four of them "
         "into OUT/demo.jpg.",
     )

@@ -62,7 +62,6 @@ class RTDetrV2ForObjectDetection:
         self.variables = jax.tree_util.tree_map(jnp.asarray, variables)
         self._forward = jax.jit(self.module.apply)
         self._forward_with_loss = None
-        self.converted_from: str | None = None  # the safetensors file converted at load time, if any
         self.conversion_cache: str | None = None  # where that conversion is cached (convert/cache.py)
         self.loaded_from_cache = False
 
@@ -155,7 +154,6 @@ class RTDetrV2ForObjectDetection:
             weights, config, convert=lambda: load_transformers_checkpoint(weights, config),
             load=lambda path: load_flax_variables(path, config), save=save_flax_variables)
         model = cls(config, variables, dtype=dtype)
-        model.converted_from = weights
         model.conversion_cache = cache_file
         model.loaded_from_cache = cached
         return model
