@@ -23,7 +23,7 @@ from rtdetr_jax.train.loop import TrainConfig, fit  # noqa: E402
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--train-images", type=int, default=1600)
+    ap.add_argument("--train-images", type=int, default=1200)
     ap.add_argument("--val-images", type=int, default=200)
     ap.add_argument("--image-size", type=int, default=160)
     ap.add_argument("--epochs", type=int, default=10)
