@@ -142,7 +142,18 @@ def test_train_smoke_via_cli_and_export(shapes, tmp_path, compile_cache):
     with torch.no_grad():
         expected = theirs(pixel_values=torch.from_numpy(x))
     got = ours(pixel_values=x)
-    np.testing.assert_allclose(np.asarray(got.pred_boxes), expected.pred_boxes.numpy(), atol=2e-4)
+    # the encoder involves no ranking: map for map, value for value
+    for a, b in zip(got.encoder_last_hidden_state, expected.encoder_last_hidden_state):
+        np.testing.assert_allclose(np.asarray(a), b.numpy(), atol=2e-4)
+    # after 12 steps some queries are near-duplicates whose top-k order is float noise: compare the decoded
+    # queries as a set (each of ours paired one-to-one with the closest reference query)
+    from scipy.optimize import linear_sum_assignment
+
+    ours_q = np.concatenate([np.asarray(got.pred_boxes[0]), np.asarray(got.logits[0])], -1)
+    ref_q = np.concatenate([expected.pred_boxes[0].numpy(), expected.logits[0].numpy()], -1)
+    cost = np.max(np.abs(ours_q[:, None] - ref_q[None]), -1)
+    rows, cols = linear_sum_assignment(cost)
+    assert cost[rows, cols].max() <= 2e-4, cost[rows, cols].max()
 
     res = run_cli(["evaluate", "--model", str(out / "model"), "--data", shapes, "--image-size", "96",
                    "--no-progress"], compile_cache, timeout=600)
