@@ -1,10 +1,16 @@
 """Side-by-side inference: our jit forward vs transformers' eager PyTorch forward, same weights, same input.
 
 Builds r18vd with seeded random weights in transformers (no Hub access needed), saves it, loads it through
-`RTDetrV2ForObjectDetection.from_pretrained`, then times both on the same (batch, 3, 640, 640) input.
-Prints a table and writes JSON to benchmarks/results/inference.json.
+`RTDetrV2ForObjectDetection.from_pretrained`, then for each batch size times both on the same
+(batch, 3, 640, 640) input (median latency, images/s), and measures each one's peak inference memory in a fresh
+child process. Prints a table and writes JSON to benchmarks/results/inference.json.
 
-    python benchmarks/bench_inference.py [--batch 1] [--iters 10]
+    python benchmarks/bench_inference.py [--batches 1 8] [--iters 10]
+
+Peak inference memory: in a child process that has loaded the model and run one warm-up forward (which compiles,
+for jax), the kernel's resident-set high-water mark is reset (/proc/self/clear_refs), `--iters` forwards run, and
+the figure is the new high-water mark minus the resident set before them: the memory the forward itself needs
+on top of the loaded model and libraries.
 """
 
 from __future__ import annotations
@@ -12,9 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,18 +27,109 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
-
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from common import machine_info, write_result  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=1)
+def _proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(framework: str, folder: str, batch: int, iters: int) -> None:
+    """Runs in a fresh process: prints JSON {baseline_mb, peak_mb, forward_peak_mb}."""
+    from images import synthetic_batch
+
+    pixels = synthetic_batch(batch, 640, 640, seed=1)
+    if framework == "torch":
+        import torch
+        from transformers import RTDetrV2ForObjectDetection as TorchModel
+
+        model = TorchModel.from_pretrained(folder).eval()
+        x = torch.from_numpy(pixels)
+
+        def forward():
+            with torch.no_grad():
+                return model(pixel_values=x).logits
+    else:
+        import jax
+
+        from rtdetr_jax import RTDetrV2ForObjectDetection
+
+        model = RTDetrV2ForObjectDetection.from_pretrained(folder)
+
+        def forward():
+            return jax.block_until_ready(model(pixel_values=pixels).logits)
+
+    out = forward()
+    del out
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # reset the resident-set high-water mark
+    baseline = _proc_status_kb("VmRSS")
+    for _ in range(iters):
+        out = forward()
+        del out
+    peak = _proc_status_kb("VmHWM")
+    print(json.dumps({"baseline_mb": baseline / 1024, "peak_mb": peak / 1024,
+                      "forward_peak_mb": (peak - baseline) / 1024}))
+
+
+def measure_memory(framework: str, folder: str, batch: int, iters: int) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", framework, "--folder", folder,
+           "--batches", str(batch), "--iters", str(iters)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"memory child for {framework} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def compare_outputs(ours, theirs, num_queries: int) -> dict:
+    """Max |difference| of (boxes, logits) between the two outputs, queries paired one-to-one per image (the
+    decoder's query order follows the encoder's top-k, which float noise may reorder among near-tied scores).
+    Images whose k-th and (k+1)-th encoder scores are closer than 1e-4 select different queries, so they are
+    counted, not compared."""
+    from scipy.optimize import linear_sum_assignment
+
+    worst, ties = 0.0, 0
+    for i in range(ours.logits.shape[0]):
+        scores = np.sort(np.asarray(ours.enc_outputs_class[i]).max(-1))[::-1]
+        if scores[num_queries - 1] - scores[num_queries] < 1e-4:
+            ties += 1
+            continue
+        a = np.concatenate([np.asarray(ours.pred_boxes[i]), np.asarray(ours.logits[i])], -1)
+        b = np.concatenate([theirs.pred_boxes[i].numpy(), theirs.logits[i].numpy()], -1)
+        cost = np.max(np.abs(a[:, None] - b[None]), -1)
+        rows, cols = linear_sum_assignment(cost)
+        worst = max(worst, float(cost[rows, cols].max()))
+    return {"max_abs_diff_boxes_logits_query_matched": worst, "images_with_topk_ties_not_compared": ties}
+
+
+def median_time(fn, iters: int) -> float:
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--iters", type=int, default=10)
-    args = parser.parse_args()
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    parser.add_argument("--memory-child", choices=["jax", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "inference.json"))
+    args = parser.parse_args(argv)
+    if args.memory_child:
+        memory_child(args.memory_child, args.folder, args.batches[0], args.iters)
+        return {}
 
     import jax
     import torch
@@ -44,47 +140,47 @@ def main() -> None:
 
     folder = tempfile.mkdtemp(prefix="rtdetr-bench-")
     reference = build_reference(folder, r18vd_config(), seed=0)
-    pixels = synthetic_batch(args.batch, 640, 640, seed=1)
-    x_torch = torch.from_numpy(pixels)
-
-    with torch.no_grad():
-        reference(pixel_values=x_torch)  # warm-up
-        torch_times = []
-        for _ in range(args.iters):
-            t = time.perf_counter()
-            reference(pixel_values=x_torch)
-            torch_times.append(time.perf_counter() - t)
-    rss_after_torch = rss_mb()
-
     model = RTDetrV2ForObjectDetection.from_pretrained(folder)
-    t = time.perf_counter()
-    jax.block_until_ready(model(pixel_values=pixels).logits)
-    compile_s = time.perf_counter() - t
-    jax_times = []
-    for _ in range(args.iters):
+    rows = []
+    for batch in args.batches:
+        pixels = synthetic_batch(batch, 640, 640, seed=1)
+        x_torch = torch.from_numpy(pixels)
+        with torch.no_grad():
+            reference(pixel_values=x_torch)  # warm-up
+            theirs = median_time(lambda: reference(pixel_values=x_torch), args.iters)
         t = time.perf_counter()
-        jax.block_until_ready(model(pixel_values=pixels).logits)
-        jax_times.append(time.perf_counter() - t)
-
-    out = model(pixel_values=pixels)
+        out = model(pixel_values=pixels)
+        jax.block_until_ready(out.logits)
+        first_call = time.perf_counter() - t
+        ours = median_time(lambda: jax.block_until_ready(model(pixel_values=pixels).logits), args.iters)
+        with torch.no_grad():
+            expected = reference(pixel_values=x_torch)
+        agreement = compare_outputs(out, expected, reference.config.num_queries)
+        row = {"batch": batch, "jax_median_s": ours, "torch_median_s": theirs, "time_ratio_jax_over_torch": ours / theirs,
+               "jax_images_per_s": batch / ours, "torch_images_per_s": batch / theirs,
+               "throughput_ratio_jax_over_torch": theirs / ours, "jax_first_call_s": first_call,
+               **agreement}
+        if not args.no_memory:
+            row["jax_memory"] = measure_memory("jax", folder, batch, 3)
+            row["torch_memory"] = measure_memory("torch", folder, batch, 3)
+        rows.append(row)
     detections = RTDetrImageProcessor().post_process_object_detection(out, threshold=0.5,
-                                                                      target_sizes=[(640, 640)] * args.batch)
-    ours, theirs = statistics.median(jax_times), statistics.median(torch_times)
-    result = {
-        "model": "r18vd (random weights)", "input": [args.batch, 3, 640, 640], "iters": args.iters,
-        "jax_median_s": ours, "torch_median_s": theirs, "ratio_jax_over_torch": ours / theirs,
-        "jax_first_call_s (compile + run)": compile_s, "peak_rss_mb_after_torch": rss_after_torch,
-        "peak_rss_mb_end": rss_mb(), "machine": f"{platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cpus", "jax": jax.__version__, "torch": torch.__version__,
-        "detections_above_0.5_image0": int(len(detections[0]["scores"])),
-    }
-    print(f"{'':28}{'rtdetr-jax (jit)':>18}{'transformers (eager)':>22}")
-    print(f"{'median latency [s]':28}{ours:>18.3f}{theirs:>22.3f}")
-    print(f"ratio jax/torch: {ours / theirs:.2f}   first call (compile): {compile_s:.1f} s   "
-          f"peak RSS: {rss_after_torch:.0f} MB after torch, {rss_mb():.0f} MB at end")
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "inference.json"), "w") as fh:
-        json.dump(result, fh, indent=2)
+                                                                      target_sizes=[(640, 640)] * args.batches[-1])
+    result = {"model": "r18vd (random weights)", "input": "(batch, 3, 640, 640) float32", "iters": args.iters,
+              "rows": rows, "machine": machine_info(), "jax": jax.__version__, "torch": torch.__version__,
+              "detections_above_0.5_image0": int(len(detections[0]["scores"]))}
+
+    print(f"r18vd, 640x640, float32, median of {args.iters}; {machine_info()['cpus']} cpus")
+    print(f"{'batch':>5}{'jax [s]':>10}{'torch [s]':>11}{'jax/torch':>11}{'jax img/s':>11}{'torch img/s':>13}"
+          f"{'first call [s]':>16}{'jax mem [MB]':>14}{'torch mem [MB]':>16}")
+    for r in rows:
+        mem = ("", "") if args.no_memory else (f"{r['jax_memory']['forward_peak_mb']:.0f}",
+                                               f"{r['torch_memory']['forward_peak_mb']:.0f}")
+        print(f"{r['batch']:>5}{r['jax_median_s']:>10.3f}{r['torch_median_s']:>11.3f}"
+              f"{r['time_ratio_jax_over_torch']:>11.2f}{r['jax_images_per_s']:>11.2f}{r['torch_images_per_s']:>13.2f}"
+              f"{r['jax_first_call_s']:>16.1f}{mem[0]:>14}{mem[1]:>16}")
+    write_result(args.out, result)
+    return result
 
 
 if __name__ == "__main__":

@@ -100,6 +100,34 @@ def test_compiles_once_per_shape(tiny_model, images_2x96x128):
     assert model.compiled_shapes == start + 2
 
 
+def test_repeated_inference_never_recompiles(tiny_model, images_2x96x128):
+    """Counts real XLA compilations (jax's backend-compile event), not just our jit cache: after the first
+    forward + post-processing at a shape, more calls at that shape compile nothing."""
+    import jax.monitoring
+
+    model, _ = tiny_model
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(kwargs.get("fun_name", "?"))
+
+    processor = RTDetrImageProcessor()
+    pixels = images_2x96x128[:, :, :64, :96]  # a shape no other test uses, so the first call must compile
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        out = model(pixel_values=pixels)
+        processor.post_process_object_detection(out, threshold=0.0, target_sizes=[(64, 96)] * 2)
+        assert compiles, "the first call at a new shape compiled nothing: is the compile event still recorded?"
+        compiles.clear()
+        for scale in (0.5, 0.25, 1.0):
+            out = model(pixel_values=pixels * scale)
+            processor.post_process_object_detection(out, threshold=0.0, target_sizes=[(64, 96)] * 2)
+        assert compiles == [], f"recompiled for a repeated shape: {compiles}"
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
 @pytest.mark.parametrize(
     "shape, message",
     [((3, 96, 128), "expected \\(batch, 3, height, width\\)"), ((1, 1, 96, 128), "expected"),
