@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
-from common import machine_info, write_result  # noqa: E402
+from common import machine_info, median_time, write_result  # noqa: E402
 
 
 def _proc_status_kb(field: str) -> int:
@@ -109,15 +108,6 @@ def compare_outputs(ours, theirs, num_queries: int) -> dict:
     return {"max_abs_diff_boxes_logits_query_matched": worst, "images_with_topk_ties_not_compared": ties}
 
 
-def median_time(fn, iters: int) -> float:
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -147,12 +137,12 @@ def main(argv=None) -> dict:
         x_torch = torch.from_numpy(pixels)
         with torch.no_grad():
             reference(pixel_values=x_torch)  # warm-up
-            theirs = median_time(lambda: reference(pixel_values=x_torch), args.iters)
+            theirs = median_time(lambda: reference(pixel_values=x_torch), args.iters, warmup=False)
         t = time.perf_counter()
         out = model(pixel_values=pixels)
         jax.block_until_ready(out.logits)
         first_call = time.perf_counter() - t
-        ours = median_time(lambda: jax.block_until_ready(model(pixel_values=pixels).logits), args.iters)
+        ours = median_time(lambda: jax.block_until_ready(model(pixel_values=pixels).logits), args.iters, warmup=False)
         with torch.no_grad():
             expected = reference(pixel_values=x_torch)
         agreement = compare_outputs(out, expected, reference.config.num_queries)

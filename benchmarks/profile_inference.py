@@ -11,26 +11,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
-from common import machine_info, write_result  # noqa: E402
-
-
-def median_time(fn, iters: int) -> float:
-    fn()  # warm-up (compilation for jax)
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from common import machine_info, median_time, write_result  # noqa: E402
 
 
 def jax_stages(model, pixels, iters: int) -> dict:
