@@ -4,9 +4,9 @@ child process, so nothing is warm.
 
     python benchmarks/bench_compile.py [--size 640] [--no-torch-compile]
 
-Rows: jax first call in all (with its trace, lowering and XLA-compile phases from jax.monitoring); the same first call with jax's persistent
-compilation cache already filled by an earlier process (`JAX_COMPILATION_CACHE_DIR`); torch eager first call;
-torch.compile first call. Writes benchmarks/results/compile.json.
+Rows: jax first call in all (with its trace, lowering and XLA-compile phases from jax.monitoring); the same
+first call with jax's persistent compilation cache already filled by an earlier process
+(`JAX_COMPILATION_CACHE_DIR`); torch eager first call; torch.compile first call. Writes benchmarks/results/compile.json.
 """
 
 from __future__ import annotations
