@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from rtdetr_jax.config import RTDetrResNetConfig
 from rtdetr_jax.modeling.layers import BatchNorm, Conv2d, Dtype, activation
+from rtdetr_jax.ops.pool import max_pool2d
 
 FROZEN_BN_EPS = 1e-5  # transformers' RTDetrV2FrozenBatchNorm2d hard-codes this
 
@@ -156,7 +157,7 @@ class Embedder(nn.Module):
         x = ConvLayer(half, 3, 2, cfg.hidden_act, self.dtype, frozen_bn=self.frozen_bn, name="embedder_0")(x)
         x = ConvLayer(half, 3, 1, cfg.hidden_act, self.dtype, frozen_bn=self.frozen_bn, name="embedder_1")(x)
         x = ConvLayer(cfg.embedding_size, 3, 1, cfg.hidden_act, self.dtype, frozen_bn=self.frozen_bn, name="embedder_2")(x)
-        return nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+        return max_pool2d(x, 3, 2, 1)
 
 
 class ResNetEncoder(nn.Module):
