@@ -88,16 +88,17 @@ def multi_scale_deformable_sampling(
         raise ValueError(f"unknown sampling method {method!r}; use 'default' or 'discrete'")
 
     corners = index.shape[-1]
-    # (batch, heads, queries * points * corners, 1)
-    flat_index = jnp.transpose(index, (0, 2, 1, 3, 4)).reshape(batch, heads, -1, 1)
-    # (batch, heads, tokens, head_dim)
-    value_t = jnp.transpose(value, (0, 2, 1, 3))
-    sampled = jnp.take_along_axis(value_t, flat_index, axis=2, mode="clip")
-    # (batch, heads, queries, points * corners, head_dim)
-    sampled = sampled.reshape(batch, heads, queries, num_points * corners, head_dim)
-    # (batch, heads, queries, points * corners)
-    weight = jnp.transpose(weight, (0, 2, 1, 3, 4)).reshape(batch, heads, queries, num_points * corners)
-    out = jnp.einsum("bhqk,bhqkd->bqhd", weight.astype(sampled.dtype), sampled)
+    # rows of the value flattened over (token, head): row = token * heads + head
+    # (batch, queries * heads * points * corners, 1)
+    rows = (index * heads + jnp.arange(heads, dtype=index.dtype)[:, None, None]).reshape(batch, -1, 1)
+    # (batch, tokens * heads, head_dim)
+    sampled = jnp.take_along_axis(value.reshape(batch, -1, head_dim), rows, axis=1, mode="clip")
+    # (batch, queries, heads, points * corners, head_dim)
+    sampled = sampled.reshape(batch, queries, heads, num_points * corners, head_dim)
+    weight = weight.reshape(batch, queries, heads, num_points * corners, 1).astype(sampled.dtype)
+    # (batch, queries, heads, head_dim): the weighted sum fuses with the gather (a batched matmul over 4-16
+    # terms would first copy the gathered values into a matmul layout)
+    out = jnp.sum(weight * sampled, axis=3)
     return out.reshape(batch, queries, heads * head_dim)
 
 
