@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rtdetr_jax.ops.conv import conv2d
+from rtdetr_jax.ops.batch_norm import batch_norm_train
 
 Dtype = Any
 
@@ -59,8 +59,10 @@ class Conv2d(nn.Module):
             (self.kernel_size, self.kernel_size, x.shape[-1], self.features),
             jnp.float32,
         )
-        # lax.conv_general_dilated, with a faster kernel gradient (ops/conv.py)
-        y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, (pad, pad))
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype), kernel.astype(self.dtype), window_strides=(self.stride, self.stride),
+            padding=((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
         return y
@@ -88,21 +90,22 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
         running_mean = self.variable("batch_stats", "running_mean", jnp.zeros, (c,), jnp.float32)
         running_var = self.variable("batch_stats", "running_var", jnp.ones, (c,), jnp.float32)
+        if self.frozen:
+            # PyTorch keeps these as buffers: no gradient. Stopping it here also spares the backward pass two
+            # reductions over (batch, H, W) per frozen norm (r18vd batch 4 at 640: ~0.4 s of a 10 s step).
+            weight, bias = jax.lax.stop_gradient(weight), jax.lax.stop_gradient(bias)
         training = (
             not self.frozen and self.is_mutable_collection("batch_stats") and not self.is_initializing()
         )
         if training:
-            axes = tuple(range(x.ndim - 1))
-            xf = x.astype(precise_dtype(x.dtype))
-            mean = jnp.mean(xf, axis=axes)
-            var = jnp.mean(jnp.square(xf - mean), axis=axes)
+            # batch statistics over every axis but the last, sums as matrix-vector products (ops/batch_norm.py)
+            y, mean, var = batch_norm_train(x, weight, bias, self.eps)
             n = x.size // c
             running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
             running_var.value = (1 - self.momentum) * running_var.value + self.momentum * var * (n / max(n - 1, 1))
-        else:
-            mean, var = running_mean.value, running_var.value
-        scale = weight * jax.lax.rsqrt(var + self.eps)
-        shift = bias - mean * scale
+            return y
+        scale = weight * jax.lax.rsqrt(running_var.value + self.eps)
+        shift = bias - running_mean.value * scale
         return x * scale.astype(self.dtype) + shift.astype(self.dtype)
 
 
