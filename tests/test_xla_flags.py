@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from rtdetr_jax.xla_flags import CPU_FLAGS, apply_default_xla_flags
 
 FLAG = CPU_FLAGS[0]
@@ -40,3 +42,12 @@ def test_import_sets_the_flag_before_jax_starts():
     env_out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              env={"PATH": "/usr/bin:/bin", "XLA_FLAGS": "--xla_cpu_enable_fast_math=false"})
     assert env_out.stdout.split() == ["--xla_cpu_enable_fast_math=false", FLAG]
+
+
+def test_on_is_the_default_and_other_values_are_refused():
+    env = {"RTDETR_JAX_XLA_FLAGS": " On "}
+    assert apply_default_xla_flags(env, (0, 10)) == [FLAG]
+    env = {"RTDETR_JAX_XLA_FLAGS": "false"}
+    with pytest.raises(ValueError, match="RTDETR_JAX_XLA_FLAGS='false': use 'on'"):
+        apply_default_xla_flags(env, (0, 10))
+    assert "XLA_FLAGS" not in env
