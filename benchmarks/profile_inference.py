@@ -25,23 +25,16 @@ def jax_stages(model, pixels, iters: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from rtdetr_jax.modeling.detector import ConvBN, ConvEncoder
-    from rtdetr_jax.modeling.encoder import HybridEncoder
+    from rtdetr_jax.modeling.detector import RTDetrV2Model
 
-    cfg, dtype = model.config, model.dtype
-    params, stats = model.variables["params"]["model"], model.variables["batch_stats"]["model"]
-    sub = lambda name: {"params": params[name], "batch_stats": stats[name]}  # noqa: E731
+    variables = {"params": model.variables["params"]["model"], "batch_stats": model.variables["batch_stats"]["model"]}
+    detector = RTDetrV2Model(model.config, model.dtype)
 
     def backbone(x):
-        x = jnp.transpose(x, (0, 2, 3, 1)).astype(dtype)
-        return ConvEncoder(cfg, dtype).apply(sub("backbone"), x)
+        return detector.apply(variables, x, method=RTDetrV2Model.backbone_features)
 
     def encoder(x):
-        features = backbone(x)
-        proj = [ConvBN(cfg.encoder_hidden_dim, 1, 1, 1e-5, dtype).apply(
-            {"params": params[f"encoder_input_proj_{i}"], "batch_stats": stats[f"encoder_input_proj_{i}"]}, f)
-            for i, f in enumerate(features)]
-        return HybridEncoder(cfg, dtype).apply(sub("encoder"), proj)
+        return detector.apply(variables, x, method=RTDetrV2Model.encode)
 
     x = jnp.asarray(pixels)
     run = lambda f: (lambda: jax.block_until_ready(f(x)))  # noqa: E731

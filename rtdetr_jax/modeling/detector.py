@@ -149,23 +149,29 @@ class RTDetrV2Model(nn.Module):
         self.decoder_input_proj = projections
         self.decoder = Decoder(cfg, self.dtype)
 
+    def backbone_features(self, pixel_values):
+        """(batch, 3, H, W) pixels -> the backbone's NHWC maps at strides 8, 16, 32 (`method=` entry point)."""
+        # transformers layout (batch, 3, H, W) -> NHWC
+        return self.backbone(jnp.transpose(pixel_values, (0, 2, 3, 1)).astype(self.dtype))
+
+    def encode(self, pixel_values):
+        """(batch, 3, H, W) pixels -> the hybrid encoder's NHWC maps (`method=` entry point; profiling uses it)."""
+        features = self.backbone_features(pixel_values)
+        return self.encoder([p(f) for p, f in zip(self.encoder_input_proj, features)])
+
     def __call__(self, pixel_values, denoising: DenoisingQueries | None = None):
         cfg = self.config
         if cfg.num_denoising > 0 and self.is_initializing():
             # used only in training; touched here so that init creates its parameters
             self.denoising_class_embed(jnp.zeros((1,), jnp.int32))
-        # transformers layout (batch, 3, H, W) -> NHWC
-        x = jnp.transpose(pixel_values, (0, 2, 3, 1)).astype(self.dtype)
-        features = self.backbone(x)
-        proj = [p(f) for p, f in zip(self.encoder_input_proj, features)]
-        encoded = self.encoder(proj)
+        encoded = self.encode(pixel_values)
 
         sources = [self.decoder_input_proj[i](m) for i, m in enumerate(encoded)]
         # extra coarser levels: transformers applies each extra projection to the last encoder map
         for i in range(len(sources), cfg.num_feature_levels):
             sources.append(self.decoder_input_proj[i](encoded[-1]))
         spatial_shapes = tuple((int(s.shape[1]), int(s.shape[2])) for s in sources)
-        batch = x.shape[0]
+        batch = pixel_values.shape[0]
         # (batch, sum H_l * W_l, d_model)
         memory = jnp.concatenate([s.reshape(batch, -1, s.shape[-1]) for s in sources], axis=1)
 
