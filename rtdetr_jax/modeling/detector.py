@@ -150,7 +150,7 @@ class RTDetrV2Model(nn.Module):
         self.decoder = Decoder(cfg, self.dtype)
 
     def backbone_features(self, pixel_values):
-        """(batch, 3, H, W) pixels -> the backbone's NHWC maps at strides 8, 16, 32 (`method=` entry point)."""
+        """(batch, 3, H, W) pixels -> the backbone's NHWC maps of its `out_indices` stages (`method=` entry point)."""
         # transformers layout (batch, 3, H, W) -> NHWC
         return self.backbone(jnp.transpose(pixel_values, (0, 2, 3, 1)).astype(self.dtype))
 

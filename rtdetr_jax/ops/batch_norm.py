@@ -44,10 +44,6 @@ def _forward(x, weight, bias, eps):
     return (y, mean, var), (x, mean, inv, weight)
 
 
-def _fwd(x, weight, bias, eps):
-    return _forward(x, weight, bias, eps)
-
-
 def _bwd(eps, residuals, cotangents):
     x, mean, inv, weight = residuals
     dy, dmean_out, dvar_out = cotangents
@@ -63,4 +59,4 @@ def _bwd(eps, residuals, cotangents):
     return dx.astype(x.dtype), dweight.astype(weight.dtype), dbias.astype(weight.dtype)
 
 
-batch_norm_train.defvjp(_fwd, _bwd)
+batch_norm_train.defvjp(_forward, _bwd)
