@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
-from common import machine_info, write_result  # noqa: E402
+from common import machine_info, run_json_child, write_result  # noqa: E402
 
 
 def child(kind: str, folder: str, size: int) -> dict:
@@ -65,11 +64,10 @@ def child(kind: str, folder: str, size: int) -> dict:
 
 
 def run_child(kind: str, folder: str, size: int, env: dict | None = None) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--folder", folder, "--size", str(size)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, check=False)
-    if done.returncode:
-        return {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    try:
+        return run_json_child(__file__, ["--child", kind, "--folder", folder, "--size", str(size)], env)
+    except RuntimeError as err:
+        return {"error": str(err)}
 
 
 def main(argv=None) -> dict:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
-from common import machine_info, median_time, write_result  # noqa: E402
+from common import machine_info, median_time, run_json_child, write_result  # noqa: E402
 
 
 def _proc_status_kb(field: str) -> int:
@@ -79,12 +78,11 @@ def memory_child(framework: str, folder: str, batch: int, iters: int) -> None:
 
 
 def measure_memory(framework: str, folder: str, batch: int, iters: int) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", framework, "--folder", folder,
-           "--batches", str(batch), "--iters", str(iters)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode:
-        raise RuntimeError(f"memory child for {framework} failed: {done.stderr.strip().splitlines()[-1:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    args = ["--memory-child", framework, "--folder", folder, "--batches", str(batch), "--iters", str(iters)]
+    try:
+        return run_json_child(__file__, args)
+    except RuntimeError as err:
+        raise RuntimeError(f"memory child for {framework} failed: {err}") from None
 
 
 def compare_outputs(ours, theirs, num_queries: int) -> dict:

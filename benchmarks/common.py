@@ -1,4 +1,4 @@
-"""What every benchmark script shares: the machine description and writing the result JSON."""
+"""What every benchmark script shares: the machine description, timing, fresh child processes, the result JSON."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 
@@ -32,3 +34,13 @@ def median_time(fn, iters: int, warmup: bool = True) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def run_json_child(script: str, args: list[str], env: dict | None = None) -> dict:
+    """Run `python script *args` in a fresh process (`env` added to ours) and parse the JSON on its last stdout
+    line; a failed child raises RuntimeError carrying the last line of its stderr."""
+    cmd = [sys.executable, os.path.abspath(script), *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, check=False)
+    if done.returncode:
+        raise RuntimeError((done.stderr.strip().splitlines() or ["?"])[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
