@@ -1,0 +1,92 @@
+"""ops/strided_conv.py: forward and both gradients equal torch conv2d's, for strides, kernels and sizes where the
+stride phases differ (odd sizes, taps that miss a phase, input rows the forward never reads)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rtdetr_jax.modeling.layers import Conv2d
+from rtdetr_jax.ops.strided_conv import strided_conv2d
+
+torch = pytest.importorskip("torch")
+
+# (height, width, kernel, stride, padding)
+CASES = [
+    (8, 8, 3, 2, 1),    # the model's downsampling convolutions
+    (9, 7, 3, 2, 1),    # odd sizes: the phases have different row counts
+    (8, 8, 1, 2, 0),    # no tap reaches the odd phase: its gradient is zero
+    (9, 9, 3, 2, 0),    # the last input row is never read
+    (10, 11, 4, 2, 1),  # even kernel
+    (11, 13, 5, 3, 2),  # stride 3
+    (7, 7, 2, 3, 0),    # kernel smaller than the stride
+    (5, 8, 3, 2, 2),    # padding larger than the stride's reach
+    (6, 6, 3, 1, 1),    # stride 1 (XLA's own input gradient)
+]
+
+
+def torch_conv(x, kernel, probe, stride, padding):
+    """Output, input gradient and kernel gradient of sum(conv2d(x, kernel) * probe); NHWC/HWIO in and out."""
+    xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+    kt = torch.tensor(kernel.transpose(3, 2, 0, 1), requires_grad=True)
+    y = torch.nn.functional.conv2d(xt, kt, stride=stride, padding=padding)
+    (y * torch.tensor(probe.transpose(0, 3, 1, 2))).sum().backward()
+    return (y.detach().numpy().transpose(0, 2, 3, 1), xt.grad.numpy().transpose(0, 2, 3, 1),
+            kt.grad.numpy().transpose(2, 3, 1, 0))
+
+
+@pytest.mark.parametrize("h, w, kernel, stride, padding", CASES)
+def test_matches_torch(h, w, kernel, stride, padding):
+    rng = np.random.default_rng(h * 100 + w * 10 + kernel)
+    x = rng.normal(size=(2, h, w, 3))
+    k = rng.normal(size=(kernel, kernel, 3, 4))
+    out_hw = ((h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1)
+    probe = rng.normal(size=(2, *out_hw, 4))
+    expected = torch_conv(x, k, probe, stride, padding)
+    with jax.enable_x64(True):
+        loss = lambda x_, k_: jnp.sum(strided_conv2d(x_, k_, stride, padding) * probe)  # noqa: E731
+        y = strided_conv2d(jnp.asarray(x), jnp.asarray(k), stride, padding)
+        dx, dk = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(k))
+    for name, got, want in zip(("y", "dx", "dkernel"), (y, dx, dk), expected):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+def test_float32_gradient_matches_xla_autodiff():
+    """At the model's size and dtype the per-phase gradient equals XLA's dilated one to float32 rounding."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 32, 32, 16)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(3, 3, 16, 24)) * 0.1, jnp.float32)
+    dy = jnp.asarray(rng.normal(size=(2, 16, 16, 24)), jnp.float32)
+    plain = lambda x_: jax.lax.conv_general_dilated(x_, k, (2, 2), ((1, 1), (1, 1)),  # noqa: E731
+                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    want = jax.vjp(plain, x)[1](dy)[0]
+    got = jax.vjp(lambda x_: strided_conv2d(x_, k, 2, 1), x)[1](dy)[0]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
+
+
+def test_dtype_kept():
+    x = jnp.ones((1, 6, 6, 2), jnp.bfloat16)
+    k = jnp.ones((3, 3, 2, 3), jnp.bfloat16)
+    y = strided_conv2d(x, k, 2, 1)
+    assert y.shape == (1, 3, 3, 3) and y.dtype == jnp.bfloat16
+    dx, dk = jax.grad(lambda a, b: jnp.sum(strided_conv2d(a, b, 2, 1).astype(jnp.float32)), argnums=(0, 1))(x, k)
+    assert dx.dtype == jnp.bfloat16 and dk.dtype == jnp.bfloat16
+
+
+def test_conv2d_module_uses_it_with_unchanged_results():
+    """The Conv2d module's strided path gives the plain convolution's output and gradients."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(1, 9, 10, 4)), jnp.float32)
+    module = Conv2d(features=5, kernel_size=3, stride=2)
+    params = module.init(jax.random.PRNGKey(0), x)
+    kernel = params["params"]["kernel"]
+    assert "custom_vjp_call" in str(jax.make_jaxpr(module.apply)(params, x))
+    plain = lambda x_, k_: jax.lax.conv_general_dilated(x_, k_, (2, 2), ((1, 1), (1, 1)),  # noqa: E731
+                                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(np.asarray(module.apply(params, x)), np.asarray(plain(x, kernel)), atol=1e-6)
+    got = jax.grad(lambda p, x_: jnp.sum(module.apply(p, x_) ** 2), argnums=(0, 1))(params, x)
+    want = jax.grad(lambda k_, x_: jnp.sum(plain(x_, k_) ** 2), argnums=(0, 1))(kernel, x)
+    np.testing.assert_allclose(np.asarray(got[0]["params"]["kernel"]), np.asarray(want[0]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-5, atol=1e-5)
