@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rtdetr_jax.config import RTDetrV2Config
-from rtdetr_jax.modeling.layers import BatchNorm, Conv2d, Dtype, MultiheadSelfAttention, activation, dense, layer_norm
+from rtdetr_jax.modeling.layers import (BatchNorm, Conv2d, Dtype, MultiheadSelfAttention, activation, dense,
+                                       fold_conv_norm, layer_norm)
 
 
 @functools.lru_cache(maxsize=32)
@@ -54,17 +55,33 @@ class ConvNormLayer(nn.Module):
 
 
 class RepVggBlock(nn.Module):
-    """3x3 conv-BN + 1x1 conv-BN, summed, then activation."""
+    """3x3 conv-BN + 1x1 conv-BN, summed, then activation.
+
+    At inference (running statistics) the two branches are one 3x3 convolution: each batch norm is folded into its
+    kernel and the 1x1 kernel is added to the 3x3 one's centre tap (RepVGG re-parameterisation, what
+    rtdetrv2_pytorch's `convert_to_deploy` does once on the weights). Done here inside the jitted function, it costs
+    a few (3, 3, c, c) elementwise ops per call and saves the 1x1 convolution and one full-size add.
+    """
 
     config: RTDetrV2Config
     dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x):
+    def setup(self):
         c = int(self.config.encoder_hidden_dim * self.config.hidden_expansion)
-        y = ConvNormLayer(self.config, c, 3, 1, 1, None, self.dtype, name="conv1")(x)
-        y = y + ConvNormLayer(self.config, c, 1, 1, 0, None, self.dtype, name="conv2")(x)
-        return activation(self.config.activation_function)(y)
+        self.conv1 = ConvNormLayer(self.config, c, 3, 1, 1, None, self.dtype)
+        self.conv2 = ConvNormLayer(self.config, c, 1, 1, 0, None, self.dtype)
+
+    def __call__(self, x):
+        act = activation(self.config.activation_function)
+        if self.is_initializing() or self.is_mutable_collection("batch_stats"):  # training: batch statistics
+            return act(self.conv1(x) + self.conv2(x))
+        eps = self.config.batch_norm_eps
+        kernel3, shift3 = fold_conv_norm(self.conv1.variables, eps)  # (3, 3, c, c), (c,)
+        kernel1, shift1 = fold_conv_norm(self.conv2.variables, eps)  # (1, 1, c, c), (c,)
+        kernel = kernel3 + jnp.pad(kernel1, ((1, 1), (1, 1), (0, 0), (0, 0)))
+        y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype), (1, 1), ((1, 1), (1, 1)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return act(y + (shift3 + shift1).astype(self.dtype))
 
 
 class CSPRepLayer(nn.Module):

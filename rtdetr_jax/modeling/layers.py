@@ -117,6 +117,14 @@ class BatchNorm(nn.Module):
         return x * scale.astype(self.dtype) + shift.astype(self.dtype)
 
 
+def fold_conv_norm(variables, eps: float):
+    """A conv -> inference batch norm pair (the variables of a module holding `conv` and `norm`) as one kernel and
+    shift: conv(x, kernel) + shift == norm(conv(x)). Returns (kernel (kh, kw, in, out), shift (out,)) in float32."""
+    params, stats = variables["params"], variables["batch_stats"]["norm"]
+    scale = params["norm"]["weight"] * jax.lax.rsqrt(stats["running_var"] + eps)
+    return params["conv"]["kernel"] * scale, params["norm"]["bias"] - stats["running_mean"] * scale
+
+
 def dense(features: int, name: str, dtype: Dtype = jnp.float32, use_bias: bool = True) -> nn.Dense:
     """A linear layer named as its PyTorch counterpart."""
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name)
