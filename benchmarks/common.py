@@ -36,6 +36,19 @@ def median_time(fn, iters: int, warmup: bool = True) -> float:
     return statistics.median(times)
 
 
+def paired_times(fn_a, fn_b, iters: int) -> tuple[list[float], list[float], float]:
+    """Time `fn_a` and `fn_b` alternately, `iters` rounds, swapping which goes first every round (AB, BA, AB...),
+    so that a shared machine's drifting speed hits both sides alike. Returns both lists of wall times and the
+    median over rounds of time_b / time_a (the paired ratio). Warm both up before calling this."""
+    times_a, times_b = [], []
+    for i in range(iters):
+        for fn, times in ((fn_a, times_a), (fn_b, times_b)) if i % 2 == 0 else ((fn_b, times_b), (fn_a, times_a)):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return times_a, times_b, statistics.median(b / a for a, b in zip(times_a, times_b))
+
+
 def run_json_child(script: str, args: list[str], env: dict | None = None) -> dict:
     """Run `python script *args` in a fresh process (`env` added to ours) and parse the JSON on its last stdout
     line; a failed child raises RuntimeError carrying the last line of its stderr."""
