@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rtdetr_jax.modeling.layers import Conv2d
-from rtdetr_jax.ops.strided_conv import strided_conv2d
+from rtdetr_jax.ops.strided_conv import conv2d, strided_conv2d
 
 torch = pytest.importorskip("torch")
 
@@ -46,8 +46,8 @@ def test_matches_torch(h, w, kernel, stride, padding):
     probe = rng.normal(size=(2, *out_hw, 4))
     expected = torch_conv(x, k, probe, stride, padding)
     with jax.enable_x64(True):
-        loss = lambda x_, k_: jnp.sum(strided_conv2d(x_, k_, stride, padding) * probe)  # noqa: E731
-        y = strided_conv2d(jnp.asarray(x), jnp.asarray(k), stride, padding)
+        loss = lambda x_, k_: jnp.sum(conv2d(x_, k_, stride, padding) * probe)  # noqa: E731
+        y = conv2d(jnp.asarray(x), jnp.asarray(k), stride, padding)
         dx, dk = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(k))
     for name, got, want in zip(("y", "dx", "dkernel"), (y, dx, dk), expected):
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12, err_msg=name)

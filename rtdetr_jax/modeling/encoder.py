@@ -11,13 +11,13 @@ from __future__ import annotations
 import functools
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rtdetr_jax.config import RTDetrV2Config
 from rtdetr_jax.modeling.layers import (BatchNorm, Conv2d, Dtype, MultiheadSelfAttention, activation, dense,
                                        fold_conv_norm, layer_norm)
+from rtdetr_jax.ops.strided_conv import conv2d
 
 
 @functools.lru_cache(maxsize=32)
@@ -79,8 +79,7 @@ class RepVggBlock(nn.Module):
         kernel3, shift3 = fold_conv_norm(self.conv1.variables, eps)  # (3, 3, c, c), (c,)
         kernel1, shift1 = fold_conv_norm(self.conv2.variables, eps)  # (1, 1, c, c), (c,)
         kernel = kernel3 + jnp.pad(kernel1, ((1, 1), (1, 1), (0, 0), (0, 0)))
-        y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype), (1, 1), ((1, 1), (1, 1)),
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), 1, 1)
         return act(y + (shift3 + shift1).astype(self.dtype))
 
 

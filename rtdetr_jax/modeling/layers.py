@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from rtdetr_jax.ops.batch_norm import batch_norm_train
-from rtdetr_jax.ops.strided_conv import strided_conv2d
+from rtdetr_jax.ops.strided_conv import conv2d
 
 Dtype = Any
 
@@ -60,17 +60,8 @@ class Conv2d(nn.Module):
             (self.kernel_size, self.kernel_size, x.shape[-1], self.features),
             jnp.float32,
         )
-        if self.stride > 1:
-            # same forward; the input gradient is computed per stride phase (ops/strided_conv.py)
-            y = strided_conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, pad)
-        else:
-            y = jax.lax.conv_general_dilated(
-                x.astype(self.dtype),
-                kernel.astype(self.dtype),
-                window_strides=(1, 1),
-                padding=((pad, pad), (pad, pad)),
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            )
+        # strided: XLA's forward, input gradient per stride phase (ops/strided_conv.py)
+        y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, pad)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
         return y

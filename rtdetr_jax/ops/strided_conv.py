@@ -10,7 +10,7 @@ Here the input grid is split into stride x stride phases: input row `s*m + r` on
 `t` with `t = r + p (mod s)`, at output row `m + (r + p - t) / s`. So each phase of the input gradient is a
 stride-1 convolution of the output gradient with a sub-kernel of those taps (for 3x3 at stride 2: 1x1, 1x2, 2x1
 and 2x2 taps, 9 in all, no zeros multiplied), and the phases are interleaved once at the end. The forward pass
-and the kernel gradient are XLA's own.
+and the kernel gradient are XLA's own. `conv2d` is the entry point: stride 1 stays XLA's convolution throughout.
 """
 
 from __future__ import annotations
@@ -28,10 +28,15 @@ def _conv(x, kernel, stride: int, padding: int):
                                         dimension_numbers=_DIMS)
 
 
+def conv2d(x, kernel, stride: int = 1, padding: int = 0):
+    """`torch.nn.functional.conv2d(x, kernel, stride=stride, padding=padding)` on x (batch, H, W, in) with kernel
+    (kh, kw, in, out): symmetric zero padding, no dilation, no groups. Strided ones use `strided_conv2d`."""
+    return strided_conv2d(x, kernel, stride, padding) if stride > 1 else _conv(x, kernel, stride, padding)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def strided_conv2d(x, kernel, stride: int, padding: int):
-    """`torch.nn.functional.conv2d(x, kernel, stride=stride, padding=padding)` on x (batch, H, W, in) with kernel
-    (kh, kw, in, out): symmetric zero padding, no dilation, no groups."""
+    """`conv2d` for stride >= 2, with the per-phase input gradient."""
     return _conv(x, kernel, stride, padding)
 
 
@@ -40,40 +45,31 @@ def _fwd(x, kernel, stride, padding):
 
 
 def _phase_taps(size: int, out_size: int, k: int, stride: int, padding: int, r: int):
-    """For input rows `stride * m + r` (m < rows): the taps that reach them, ordered by the output row they read,
-    the first output row offset, and the (low, high) padding of the output gradient that the stride-1 pass needs.
-    None when no tap reaches this phase (k < stride)."""
+    """For the input rows `stride * m + r`: how many there are, the taps that reach them in the order of the output
+    row they read (tap t meets output row m + (r + padding - t) / stride, so descending t), and the (low, high)
+    padding of the output gradient that the stride-1 pass over those taps needs. No taps when k < stride."""
     rows = -(-(size - r) // stride)
-    taps = [t for t in range(k) if (t - r - padding) % stride == 0]
-    if not taps or rows <= 0:
-        return None
-    offsets = [(r + padding - t) // stride for t in taps]  # output row m + offset meets tap t
-    order = sorted(range(len(taps)), key=lambda i: offsets[i])
-    taps = [taps[i] for i in order]
-    lo = offsets[order[0]]
-    hi = rows - 1 + offsets[order[-1]]  # last output row read
-    return rows, taps, (-lo, hi - (out_size - 1))
+    taps = [t for t in reversed(range(k)) if (t - r - padding) % stride == 0]
+    if not taps:
+        return rows, taps, None
+    first = (r + padding - taps[0]) // stride  # output row read by m = 0
+    last = rows - 1 + (r + padding - taps[-1]) // stride  # output row read by m = rows - 1
+    return rows, taps, (-first, last - (out_size - 1))
 
 
 def _input_gradient(x_shape, kernel, dy, stride: int, padding: int):
     """dL/dx of the strided convolution, one stride phase of the input at a time."""
     n, h, w, cin = x_shape
-    k = kernel.shape[0]
-    ho, wo = dy.shape[1], dy.shape[2]
     zero = jnp.zeros((), dy.dtype)
     phases = []
     for a in range(stride):
-        row = _phase_taps(h, ho, k, stride, padding, a)
+        rows_a, taps_h, pad_h = _phase_taps(h, dy.shape[1], kernel.shape[0], stride, padding, a)
         cols = []
         for b in range(stride):
-            col = _phase_taps(w, wo, kernel.shape[1], stride, padding, b)
-            rows_a = -(-(h - a) // stride)
-            cols_b = -(-(w - b) // stride)
-            if row is None or col is None:
+            cols_b, taps_w, pad_w = _phase_taps(w, dy.shape[2], kernel.shape[1], stride, padding, b)
+            if not taps_h or not taps_w:
                 cols.append(jnp.zeros((n, rows_a, cols_b, cin), dy.dtype))
                 continue
-            _, taps_h, pad_h = row
-            _, taps_w, pad_w = col
             sub = kernel[jnp.array(taps_h)][:, jnp.array(taps_w)]  # (len(taps_h), len(taps_w), in, out)
             d = jax.lax.pad(dy, zero, ((0, 0, 0), (*pad_h, 0), (*pad_w, 0), (0, 0, 0)))
             # "HWOI": the sub-kernel's `in` axis is this convolution's output, `out` its input
@@ -91,10 +87,7 @@ def _input_gradient(x_shape, kernel, dy, stride: int, padding: int):
 
 def _bwd(stride, padding, residuals, dy):
     x, kernel = residuals
-    if stride == 1:
-        dx = jax.vjp(lambda v: _conv(v, kernel, stride, padding), x)[1](dy)[0]
-    else:
-        dx = _input_gradient(x.shape, kernel, dy, stride, padding).astype(x.dtype)
+    dx = _input_gradient(x.shape, kernel, dy, stride, padding).astype(x.dtype)
     dkernel = jax.vjp(lambda v: _conv(x, v, stride, padding), kernel)[1](dy)[0]
     return dx, dkernel
 
