@@ -1,5 +1,5 @@
 import sys
 
-from rtdetr_jax.cli import main
+from rtdetr_jax.cli import entry
 
-sys.exit(main())
+sys.exit(entry())
