@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
-from common import machine_info, run_json_child, write_result  # noqa: E402
+from common import machine_info, run_json_child, start_like_the_cli, write_result  # noqa: E402
 
 
 def child(kind: str, folder: str, size: int) -> dict:
@@ -111,4 +111,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    start_like_the_cli()
     main()

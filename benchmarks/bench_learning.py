@@ -16,7 +16,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from common import machine_info, write_result  # noqa: E402
+from common import machine_info, start_like_the_cli, write_result  # noqa: E402
 from rtdetr_jax.data.synthetic import write_shapes_dataset  # noqa: E402
 from rtdetr_jax.train.loop import TrainConfig, fit  # noqa: E402
 
@@ -65,4 +65,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    start_like_the_cli()
     main()

@@ -20,7 +20,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from common import machine_info, paired_times, write_result  # noqa: E402
+from common import machine_info, paired_times, start_like_the_cli, write_result  # noqa: E402
 
 
 def main(argv=None):
@@ -112,4 +112,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    start_like_the_cli()
     main()

@@ -11,11 +11,21 @@ import sys
 import time
 
 
+def start_like_the_cli() -> None:
+    """Re-execute this script once with the malloc setting the `rtdetr-jax` command line starts with (glibc malloc
+    on transparent huge pages: rtdetr_jax/host_memory.py), so that a benchmark measures what the command line
+    gives; `RTDETR_JAX_MALLOC=off` measures without. Both sides of a benchmark share the process, so both get it.
+    Call it first in `__main__`, before jax or torch start any thread."""
+    from rtdetr_jax.host_memory import reexec_with_hugepage_malloc
+
+    reexec_with_hugepage_malloc()
+
+
 def machine_info() -> dict:
     import jax
 
     return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "devices": str(jax.devices())}
+            "devices": str(jax.devices()), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 
 def write_result(path: str, result: dict) -> None:

@@ -18,7 +18,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
-from common import machine_info, median_time, write_result  # noqa: E402
+from common import machine_info, median_time, start_like_the_cli, write_result  # noqa: E402
 
 
 def jax_stages(model, pixels, iters: int) -> dict:
@@ -118,4 +118,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    start_like_the_cli()
     main()
