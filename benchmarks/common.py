@@ -18,7 +18,10 @@ def start_like_the_cli() -> None:
     Call it first in `__main__`, before jax or torch start any thread."""
     from rtdetr_jax.host_memory import reexec_with_hugepage_malloc
 
-    reexec_with_hugepage_malloc()
+    try:
+        reexec_with_hugepage_malloc()
+    except ValueError as err:  # a bad RTDETR_JAX_MALLOC value
+        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {err}")
 
 
 def machine_info() -> dict:

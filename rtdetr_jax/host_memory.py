@@ -38,7 +38,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 MARKER = "RTDETR_JAX_MALLOC_APPLIED"
@@ -58,14 +58,21 @@ def glibc_supports_hugetlb() -> bool:
         return False
 
 
-def transparent_hugepages_enabled(setting_file: str = _THP_SETTING) -> bool:
-    """Whether the kernel grants huge pages to memory madvised for them (`[always]` or `[madvise]`)."""
+def transparent_hugepages_mode(setting_file: str = _THP_SETTING) -> str | None:
+    """The kernel's transparent huge page mode, the bracketed word of `always [madvise] never`; None where the
+    setting cannot be read (not Linux, no such kernel feature)."""
     try:
         with open(setting_file) as f:
             setting = f.read()
     except OSError:
-        return False
-    return "[always]" in setting or "[madvise]" in setting
+        return None
+    start, end = setting.find("["), setting.find("]")
+    return setting[start + 1:end] if 0 <= start < end else None
+
+
+def transparent_hugepages_enabled(setting_file: str = _THP_SETTING) -> bool:
+    """Whether the kernel grants huge pages to memory madvised for them (mode `always` or `madvise`)."""
+    return transparent_hugepages_mode(setting_file) in ("always", "madvise")
 
 
 def hugepage_malloc_env(environ: Mapping[str, str] | None = None, supported: bool | None = None) -> dict[str, str]:
@@ -90,7 +97,7 @@ def hugepage_malloc_env(environ: Mapping[str, str] | None = None, supported: boo
     return {"GLIBC_TUNABLES": f"{tunables}:{TUNABLE}" if tunables else TUNABLE}
 
 
-def reexec_with_hugepage_malloc(command: Sequence[str] | None = None) -> None:
+def reexec_with_hugepage_malloc() -> None:
     """Replace this process by the same command line (`sys.orig_argv`: interpreter options and script or `-m`
     kept) with `hugepage_malloc_env()` set, when that is not empty; otherwise return and let the caller go on.
     Call it first thing, before any thread is started or file opened."""
@@ -98,7 +105,7 @@ def reexec_with_hugepage_malloc(command: Sequence[str] | None = None) -> None:
     if not added:
         return
     # argv[0] as sys.executable, not as typed: a bare `python` would be looked up on PATH again (another venv?)
-    command = [sys.executable, *(sys.orig_argv if command is None else command)[1:]]
+    command = [sys.executable, *sys.orig_argv[1:]]
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, command, {**os.environ, **added, MARKER: "1"})

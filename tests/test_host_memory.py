@@ -15,6 +15,7 @@ from rtdetr_jax.host_memory import (
     glibc_supports_hugetlb,
     hugepage_malloc_env,
     transparent_hugepages_enabled,
+    transparent_hugepages_mode,
 )
 
 SUPPORTED = glibc_supports_hugetlb() and transparent_hugepages_enabled()
@@ -56,10 +57,12 @@ def test_nothing_where_unsupported():
 
 def test_transparent_hugepage_setting(tmp_path):
     setting = tmp_path / "enabled"
-    for text, on in [("always [madvise] never\n", True), ("[always] madvise never\n", True),
-                     ("always madvise [never]\n", False)]:
+    for text, mode, on in [("always [madvise] never\n", "madvise", True), ("[always] madvise never\n", "always", True),
+                           ("always madvise [never]\n", "never", False), ("garbled\n", None, False)]:
         setting.write_text(text)
+        assert transparent_hugepages_mode(str(setting)) == mode
         assert transparent_hugepages_enabled(str(setting)) is on
+    assert transparent_hugepages_mode(str(tmp_path / "missing")) is None
     assert transparent_hugepages_enabled(str(tmp_path / "missing")) is False
 
 
@@ -126,9 +129,8 @@ def _faults(env) -> int:
 
 @needs_support
 def test_hugepages_cut_xla_scratch_page_faults():
-    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-        if "[always]" in f.read():
-            pytest.skip("transparent huge pages are always on here: malloc gets them without the tunable")
+    if transparent_hugepages_mode() == "always":
+        pytest.skip("transparent huge pages are always on here: malloc gets them without the tunable")
     default = _faults(_clean_env())
     hugepages = _faults(_clean_env(GLIBC_TUNABLES=TUNABLE))
     # 4 KiB pages: each call maps its 400 MB scratch block afresh, ~97,700 faults a call (measured)
