@@ -20,7 +20,13 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from common import machine_info, paired_times, start_like_the_cli, write_result  # noqa: E402
+from common import (  # noqa: E402
+    machine_info,
+    paired_times,
+    start_like_the_cli,
+    synthetic_detection_batch,
+    write_result,
+)
 
 
 def main(argv=None):
@@ -33,7 +39,6 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     import jax
-    import numpy as np
     import torch
     from transformers import RTDetrV2ForObjectDetection as HF
 
@@ -45,13 +50,7 @@ def main(argv=None):
     from rtdetr_jax.train.step import make_steps
 
     config = RTDetrV2Config.from_preset(args.preset)
-    rng = np.random.default_rng(0)
-    pixels = rng.random((args.batch, 3, args.size, args.size), dtype=np.float32)
-    labels = []
-    for _ in range(args.batch):
-        n = int(rng.integers(3, 10))
-        labels.append({"class_labels": rng.integers(0, config.num_labels, n),
-                       "boxes": np.concatenate([rng.uniform(.2, .8, (n, 2)), rng.uniform(.05, .3, (n, 2))], 1)})
+    pixels, labels = synthetic_detection_batch(args.batch, args.size, config.num_labels)
 
     with tempfile.TemporaryDirectory() as folder:
         RTDetrV2ForObjectDetection(config).save_pretrained(folder)

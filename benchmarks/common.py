@@ -31,6 +31,20 @@ def machine_info() -> dict:
             "devices": str(jax.devices()), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 
+def synthetic_detection_batch(batch: int, size: int, num_labels: int, seed: int = 0):
+    """Random (batch, 3, size, size) float32 pixels and 3-9 random labelled boxes (cx, cy, w, h) per image."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    pixels = rng.random((batch, 3, size, size), dtype=np.float32)
+    labels = []
+    for _ in range(batch):
+        n = int(rng.integers(3, 10))
+        labels.append({"class_labels": rng.integers(0, num_labels, n),
+                       "boxes": np.concatenate([rng.uniform(.2, .8, (n, 2)), rng.uniform(.05, .3, (n, 2))], 1)})
+    return pixels, labels
+
+
 def write_result(path: str, result: dict) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as fh:
