@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> int:
     """The `rtdetr-jax` console command and `python -m rtdetr_jax`: first re-executes itself once with glibc malloc
     on transparent huge pages, so that XLA:CPU's per-call scratch memory is faulted in 2 MiB at a time
-    (rtdetr_jax/host_memory.py; the r18vd training step ~12% faster on the CPU), then runs `main`."""
+    (rtdetr_jax/host_memory.py; the r18vd training step 9-12% faster on the CPU), then runs `main`."""
     from rtdetr_jax.host_memory import reexec_with_hugepage_malloc
 
     try:

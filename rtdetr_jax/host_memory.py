@@ -4,7 +4,7 @@ An XLA:CPU executable takes its temporaries with malloc at the start of every ca
 2.95 GB for the r18vd batch-4 training step at 640x640, a few hundred MB for a demo training step. The call runs
 on XLA's worker threads, and glibc serves such large blocks from a worker thread's arena with a fresh `mmap`,
 returned by `munmap` when freed. So every call page-faults its whole scratch block in again, one 4 KiB page at a
-time, and the kernel zeroes it: ~760,000 page faults and ~2.9 s of kernel time per r18vd training step on the
+time, and the kernel zeroes it: 730,000-760,000 page faults and 3-4 s of kernel time per r18vd training step on the
 2-core development machine. With the glibc tunable
 
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1    (glibc >= 2.35)
@@ -12,7 +12,7 @@ time, and the kernel zeroes it: ~760,000 page faults and ~2.9 s of kernel time p
 malloc asks for transparent huge pages (2 MiB) on the memory it maps (`madvise(MADV_HUGEPAGE)`, which works
 where /sys/kernel/mm/transparent_hugepage/enabled is `always` or `madvise`, the common default): 512x fewer
 faults for the same memory. Measured on that machine (benchmarks/README.md, "Host memory"): the r18vd training
-step 8.9 s -> 7.8 s, the demo's first 150 training steps 179-189 s -> 167 s (kernel time 46-49 s -> 23 s, peak
+step 9.4 s -> 8.6 s (8.9 s -> 7.8 s in an earlier run), the demo's first 150 training steps 179-189 s -> 167 s (kernel time 46-49 s -> 23 s, peak
 memory +2%), batch-1 inference unchanged within noise.
 
 glibc reads tunables once, at process start, so the command line (`rtdetr-jax ...`, `python -m rtdetr_jax ...`)
