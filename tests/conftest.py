@@ -66,6 +66,18 @@ def r18vd_config(**overrides):
                           decoder_layers=3, num_labels=80, **overrides)
 
 
+def small_config(**overrides):
+    """Our own config (not transformers'): the `tiny` preset, narrower still, for the training tests."""
+    from rtdetr_jax.config import RTDetrV2Config
+
+    kw = dict(id2label={i: str(i) for i in range(4)}, num_queries=30, num_denoising=20, decoder_layers=2,
+              backbone_config=dict(embedding_size=16, hidden_sizes=[16, 32, 64, 128]),
+              encoder_in_channels=[32, 64, 128], encoder_hidden_dim=32, d_model=32, decoder_in_channels=[32] * 3,
+              encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2, decoder_attention_heads=2)
+    kw.update(overrides)
+    return RTDetrV2Config.from_preset("tiny", **kw)
+
+
 def perturb_(model, seed: int = 0, scale: float = 0.1):
     """Add noise to every float parameter: N(0, scale) to vectors (norm scales become 1 + N(0, scale)), and
     N(0, 5 * scale / sqrt(fan_in)) to matrices and kernels, so a 256-wide layer is not pushed into saturation."""
