@@ -2,11 +2,13 @@
 against transformers' (eager first call, and `torch.compile`'s first call). Each figure comes from its own fresh
 child process, so nothing is warm.
 
-    python benchmarks/bench_compile.py [--size 640] [--no-torch-compile]
+    python benchmarks/bench_compile.py [--size 640] [--train-batch 4] [--no-torch-compile] [--no-train-step]
 
 Rows: jax first call in all (with its trace, lowering and XLA-compile phases from jax.monitoring); the same
 first call with jax's persistent compilation cache already filled by an earlier process
-(`JAX_COMPILATION_CACHE_DIR`); torch eager first call; torch.compile first call. Writes benchmarks/results/compile.json.
+(`JAX_COMPILATION_CACHE_DIR`); torch eager first call; torch.compile first call; and our training step
+(forward + loss + backward + AdamW + EMA, batch `--train-batch` at `--size`): trace, lowering and XLA compile,
+without running it. Writes benchmarks/results/compile.json.
 """
 
 from __future__ import annotations
@@ -25,9 +27,38 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 from common import machine_info, run_json_child, start_like_the_cli, write_result  # noqa: E402
 
 
-def child(kind: str, folder: str, size: int) -> dict:
+def train_step_compile(folder: str, size: int, batch: int) -> dict:
+    """Ahead-of-time trace, lower and compile of our r18vd train step; nothing is run."""
+    from common import synthetic_detection_batch
+    from rtdetr_jax import RTDetrV2ForObjectDetection
+    from rtdetr_jax.loss.criterion import pad_targets
+    from rtdetr_jax.train.optim import OptimConfig, make_optimizer
+    from rtdetr_jax.train.state import create_train_state
+    from rtdetr_jax.train.step import make_steps
+
+    model = RTDetrV2ForObjectDetection.from_pretrained(folder)
+    pixels, labels = synthetic_detection_batch(batch, size, model.config.num_labels)
+    optim = OptimConfig(warmup_steps=0)
+    tx = make_optimizer(optim, model.params)
+    steps = make_steps(model.config, optim, tx)
+    state = steps.replicate(create_train_state(model.variables, tx))
+    inputs = steps.shard_batch((pixels, pad_targets(labels, 16)))
+    t0 = time.perf_counter()
+    traced = steps.train_step.trace(state, *inputs)
+    t1 = time.perf_counter()
+    lowered = traced.lower()
+    t2 = time.perf_counter()
+    lowered.compile()
+    t3 = time.perf_counter()
+    return {"first_call_s": t3 - t0,
+            "phases_s": {"trace": t1 - t0, "lower": t2 - t1, "backend_compile": t3 - t2}}
+
+
+def child(kind: str, folder: str, size: int, train_batch: int) -> dict:
     from images import synthetic_batch
 
+    if kind == "jax_train_step":
+        return train_step_compile(folder, size, train_batch)
     pixels = synthetic_batch(1, size, size, seed=1)
     if kind.startswith("jax"):
         import jax
@@ -63,9 +94,10 @@ def child(kind: str, folder: str, size: int) -> dict:
     return {"first_call_s": time.perf_counter() - t0}
 
 
-def run_child(kind: str, folder: str, size: int, env: dict | None = None) -> dict:
+def run_child(kind: str, folder: str, size: int, env: dict | None = None, train_batch: int = 4) -> dict:
     try:
-        return run_json_child(__file__, ["--child", kind, "--folder", folder, "--size", str(size)], env)
+        return run_json_child(__file__, ["--child", kind, "--folder", folder, "--size", str(size),
+                                         "--train-batch", str(train_batch)], env)
     except RuntimeError as err:
         return {"error": str(err)}
 
@@ -73,13 +105,15 @@ def run_child(kind: str, folder: str, size: int, env: dict | None = None) -> dic
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=640)
+    ap.add_argument("--train-batch", type=int, default=4)
     ap.add_argument("--no-torch-compile", action="store_true")
+    ap.add_argument("--no-train-step", action="store_true")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "compile.json"))
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.folder, args.size)))
+        print(json.dumps(child(args.child, args.folder, args.size, args.train_batch)))
         return {}
 
     from conftest import build_reference, r18vd_config
@@ -97,9 +131,13 @@ def main(argv=None) -> dict:
     }
     if not args.no_torch_compile:
         rows["torch_compile"] = run_child("torch_compile", folder, args.size)
-    result = {"model": "r18vd (random weights)", "input": [1, 3, args.size, args.size], "rows": rows,
+    if not args.no_train_step:
+        rows["jax_train_step_compile"] = run_child("jax_train_step", folder, args.size, no_cache, args.train_batch)
+    result = {"model": "r18vd (random weights)", "input": [1, 3, args.size, args.size],
+              "train_step_input": [args.train_batch, 3, args.size, args.size], "rows": rows,
               "machine": machine_info()}
-    print(f"r18vd, 1x3x{args.size}x{args.size}, first call in a fresh process")
+    print(f"r18vd, 1x3x{args.size}x{args.size} ({args.train_batch}x3x{args.size}x{args.size} for the train step), "
+          f"first call in a fresh process")
     for name, r in rows.items():
         if "error" in r:
             print(f"{name:28} failed: {r['error']}")

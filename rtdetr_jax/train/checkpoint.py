@@ -50,9 +50,18 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"{manager.directory}: no checkpoint to restore")
         target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
-        restored = manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
-        )
+        try:
+            restored = manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+            )
+        except ValueError as err:
+            if "do not match" not in str(err):
+                raise
+            # orbax explains over several lines; one line, naming the checkpoint
+            raise ValueError(f"{os.path.join(manager.directory, str(step))}: the saved training state does not fit "
+                             f"this run's (another model config or optimizer, or a checkpoint written before "
+                             f"rtdetr-jax packed the optimizer state by parameter group): "
+                             f"{' '.join(str(err).split())}") from None
         return restored["state"], restored["meta"]
 
     def restore_arrays(self, step: int, best: bool = False) -> tuple[dict, dict]:

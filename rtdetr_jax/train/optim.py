@@ -4,6 +4,10 @@ AdamW with parameter groups: the backbone at a lower learning rate; no weight de
 embeddings; the backbone's frozen batch norms (`RTDetrV2FrozenBatchNorm2d`, buffers in PyTorch) never updated and
 left out of the gradient norm. Global-norm clipping, linear warm-up, then a constant or cosine schedule.
 The EMA of parameters follows the authors' `ModelEMA`: decay * (1 - exp(-updates / warmups)).
+
+The optimizer runs on one vector per parameter group (`GroupPacking`), not leaf by leaf: XLA compiles each leaf's
+clipping, Adam, decay and scaling into kernels of their own, ~2,100 for the 284 leaves of a small model and ~12 s
+of its train step's compile; on a handful of vectors it is a handful of kernels.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import traverse_util
 
@@ -56,11 +61,6 @@ def parameter_group(path: tuple[str, ...], freeze_backbone_batch_norms: bool = T
     return "no_decay" if no_decay else "default"
 
 
-def parameter_groups(params, freeze_backbone_batch_norms: bool = True):
-    flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict({k: parameter_group(k, freeze_backbone_batch_norms) for k in flat})
-
-
 def learning_rate_schedule(cfg: OptimConfig, multiplier: float = 1.0):
     peak = cfg.learning_rate * multiplier
     if cfg.schedule == "cosine":
@@ -83,28 +83,70 @@ def _scale_by_tree(multipliers) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def make_optimizer(cfg: OptimConfig, params) -> optax.GradientTransformation:
-    """AdamW (decoupled weight decay) with the groups of `parameter_group`.
+class GroupPacking:
+    """The trainable leaves of a parameter tree laid end to end, one flat vector per parameter group, and back.
 
-    One Adam over the whole tree plus per-leaf constants compiles far faster than one optimizer per group and
-    computes the same update: -lr * multiplier * (adam + weight_decay * param [decayed groups only]).
+    `pack(tree) -> {group: (n_group,) vector}` concatenates the leaves of each group (in the tree's flatten order);
+    `unpack(vectors) -> tree` slices them back into shape and gives the frozen leaves, which are not packed (no
+    gradient, no optimizer state), zeros. Works on any tree with the parameters' paths: gradients, updates."""
+
+    def __init__(self, params, freeze_backbone_batch_norms: bool = True):
+        flat = traverse_util.flatten_dict(params)
+        self.shapes = {path: tuple(np.shape(leaf)) for path, leaf in flat.items()}
+        self.members: dict[str, list[tuple[str, ...]]] = {}
+        for path in flat:
+            self.members.setdefault(parameter_group(path, freeze_backbone_batch_norms), []).append(path)
+        self.frozen = self.members.pop("frozen", [])
+
+    def pack(self, tree) -> dict[str, jax.Array]:
+        flat = traverse_util.flatten_dict(tree)
+        missing = [path for paths in self.members.values() for path in paths if path not in flat]
+        if missing:
+            raise ValueError(f"parameter {'/'.join(missing[0])} is missing from the tree to pack "
+                             f"({len(missing)} missing in all)")
+        return {group: jnp.concatenate([jnp.ravel(flat[path]) for path in paths])
+                for group, paths in self.members.items()}
+
+    def unpack(self, vectors: dict[str, jax.Array]):
+        flat = {}
+        for group, paths in self.members.items():
+            offset = 0
+            for path in paths:
+                size = int(np.prod(self.shapes[path]))
+                flat[path] = vectors[group][offset:offset + size].reshape(self.shapes[path])
+                offset += size
+        dtype = next(iter(vectors.values())).dtype if vectors else jnp.float32
+        for path in self.frozen:
+            flat[path] = jnp.zeros(self.shapes[path], dtype)
+        return traverse_util.unflatten_dict(flat)
+
+
+def make_optimizer(cfg: OptimConfig, params) -> optax.GradientTransformation:
+    """AdamW (decoupled weight decay) with the groups of `parameter_group`, on `GroupPacking` vectors.
+
+    Takes and returns trees like any optax transformation; its state holds one Adam moment vector per group.
+    Per group: update = -lr * multiplier * (adam + weight_decay * param [decayed groups only]); frozen: 0.
+    The global-norm clip spans all groups together, as one clip over the whole tree would.
     """
-    groups = parameter_groups(params, cfg.freeze_backbone_batch_norms)
-    frozen = jax.tree_util.tree_map(lambda g: g == "frozen", groups)
-    decayed = jax.tree_util.tree_map(lambda g: g in ("backbone", "default"), groups)
-    multiplier = jax.tree_util.tree_map(
-        lambda g: 0.0 if g == "frozen" else cfg.backbone_lr_multiplier if g.startswith("backbone") else 1.0, groups
-    )
-    chain = [optax.masked(optax.set_to_zero(), frozen)]
-    if cfg.clip_norm > 0:
-        chain.append(optax.clip_by_global_norm(cfg.clip_norm))
+    packing = GroupPacking(params, cfg.freeze_backbone_batch_norms)
+    groups = list(packing.members)
+    chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
     chain += [
         optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=1e-8),
-        optax.add_decayed_weights(cfg.weight_decay, mask=decayed),
+        optax.add_decayed_weights(cfg.weight_decay, mask={g: g in ("backbone", "default") for g in groups}),
         optax.scale_by_learning_rate(learning_rate_schedule(cfg)),
-        _scale_by_tree(multiplier),
+        _scale_by_tree({g: cfg.backbone_lr_multiplier if g.startswith("backbone") else 1.0 for g in groups}),
     ]
-    return optax.chain(*chain)
+    inner = optax.chain(*chain)
+
+    def init(params):
+        return inner.init(packing.pack(params))
+
+    def update(updates, state, params=None):
+        packed, state = inner.update(packing.pack(updates), state, None if params is None else packing.pack(params))
+        return packing.unpack(packed), state
+
+    return optax.GradientTransformation(init, update)
 
 
 def ema_decay(cfg: OptimConfig, updates):
