@@ -6,8 +6,8 @@ left out of the gradient norm. Global-norm clipping, linear warm-up, then a cons
 The EMA of parameters follows the authors' `ModelEMA`: decay * (1 - exp(-updates / warmups)).
 
 The optimizer runs on one vector per parameter group (`GroupPacking`), not leaf by leaf: XLA compiles each leaf's
-clipping, Adam, decay and scaling into kernels of their own, ~2,100 for the 284 leaves of a small model and ~12 s
-of its train step's compile; on a handful of vectors it is a handful of kernels.
+clipping, Adam, decay and scaling into kernels of their own (1,790 of the 4,459 in the r18vd train step, 342
+leaves); on a handful of vectors it is a handful of kernels, and the step compiles in 30.5 s instead of 38.3 s.
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ def make_steps(config: RTDetrV2Config, optim: OptimConfig, tx: optax.GradientTra
         new = {"params": params, "batch_stats": batch_stats}
         ema = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, state.ema, new)
         # the norm of the packed gradients (the optimizer packs the same ones; XLA computes the packing once):
-        # one reduction per group instead of one per leaf. Frozen leaves have no gradient and are left out.
+        # one reduction per group instead of one per leaf. Frozen leaves (zero gradient) are left out.
         packed = GroupPacking(state.params, optim.freeze_backbone_batch_norms).pack(grads)
         metrics = {"loss": loss, **terms, "lr": lr(state.step), "grad_norm": optax.tree.norm(packed)}
         state = state.replace(step=step, params=params, batch_stats=batch_stats, opt_state=opt_state, ema=ema,
