@@ -29,20 +29,11 @@ from common import machine_info, run_json_child, start_like_the_cli, write_resul
 
 def train_step_compile(folder: str, size: int, batch: int) -> dict:
     """Ahead-of-time trace, lower and compile of our r18vd train step; nothing is run."""
-    from common import synthetic_detection_batch
+    from common import our_train_step, synthetic_detection_batch
     from rtdetr_jax import RTDetrV2ForObjectDetection
-    from rtdetr_jax.loss.criterion import pad_targets
-    from rtdetr_jax.train.optim import OptimConfig, make_optimizer
-    from rtdetr_jax.train.state import create_train_state
-    from rtdetr_jax.train.step import make_steps
 
     model = RTDetrV2ForObjectDetection.from_pretrained(folder)
-    pixels, labels = synthetic_detection_batch(batch, size, model.config.num_labels)
-    optim = OptimConfig(warmup_steps=0)
-    tx = make_optimizer(optim, model.params)
-    steps = make_steps(model.config, optim, tx)
-    state = steps.replicate(create_train_state(model.variables, tx))
-    inputs = steps.shard_batch((pixels, pad_targets(labels, 16)))
+    steps, state, inputs = our_train_step(model, *synthetic_detection_batch(batch, size, model.config.num_labels))
     t0 = time.perf_counter()
     traced = steps.train_step.trace(state, *inputs)
     t1 = time.perf_counter()

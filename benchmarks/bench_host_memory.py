@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import machine_info, run_json_child, synthetic_detection_batch, write_result  # noqa: E402
+from common import machine_info, our_train_step, run_json_child, synthetic_detection_batch, write_result  # noqa: E402
 
 SETTINGS = {
     "glibc defaults": {},
@@ -42,20 +42,11 @@ def child(args) -> dict:
     import jax
 
     from rtdetr_jax.config import RTDetrV2Config
-    from rtdetr_jax.loss.criterion import pad_targets
     from rtdetr_jax.train.loop import fresh_model
-    from rtdetr_jax.train.optim import OptimConfig, make_optimizer
-    from rtdetr_jax.train.state import create_train_state
-    from rtdetr_jax.train.step import make_steps
 
     config = RTDetrV2Config.from_preset(args.preset)
     pixels, labels = synthetic_detection_batch(args.batch, args.size, config.num_labels)
-    model = fresh_model(config)
-    optim = OptimConfig(warmup_steps=0)
-    tx = make_optimizer(optim, model.params)
-    steps = make_steps(config, optim, tx)
-    state = steps.replicate(create_train_state(model.variables, tx))
-    batch = steps.shard_batch((pixels, pad_targets(labels, 16)))
+    steps, state, batch = our_train_step(fresh_model(config), pixels, labels)
     rows = []
     for _ in range(args.steps + 1):
         before, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()

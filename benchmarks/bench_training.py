@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from common import (  # noqa: E402
     machine_info,
+    our_train_step,
     paired_times,
     start_like_the_cli,
     synthetic_detection_batch,
@@ -43,11 +44,7 @@ def main(argv=None):
     from transformers import RTDetrV2ForObjectDetection as HF
 
     from rtdetr_jax.config import RTDetrV2Config
-    from rtdetr_jax.loss.criterion import pad_targets
     from rtdetr_jax.model import RTDetrV2ForObjectDetection
-    from rtdetr_jax.train.optim import OptimConfig, make_optimizer
-    from rtdetr_jax.train.state import create_train_state
-    from rtdetr_jax.train.step import make_steps
 
     config = RTDetrV2Config.from_preset(args.preset)
     pixels, labels = synthetic_detection_batch(args.batch, args.size, config.num_labels)
@@ -71,11 +68,7 @@ def main(argv=None):
         torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1)
         opt.step()
 
-    optim = OptimConfig(warmup_steps=0)
-    tx = make_optimizer(optim, ours.params)
-    steps = make_steps(config, optim, tx)
-    state = steps.replicate(create_train_state(ours.variables, tx))
-    batch = steps.shard_batch((pixels, pad_targets(labels, 16)))
+    steps, state, batch = our_train_step(ours, pixels, labels)
     t = time.perf_counter()
     state, metrics = steps.train_step(state, *batch)
     jax.block_until_ready(metrics)
