@@ -17,14 +17,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
-from common import machine_info, run_json_child, start_like_the_cli, write_result  # noqa: E402
+from common import machine_info, scratch_dir, run_json_child, start_like_the_cli, write_result  # noqa: E402
 
 
 def train_step_compile(folder: str, size: int, batch: int) -> dict:
@@ -109,10 +108,10 @@ def main(argv=None) -> dict:
 
     from conftest import build_reference, r18vd_config
 
-    folder = tempfile.mkdtemp(prefix="rtdetr-compile-")
+    folder = scratch_dir("rtdetr-compile-")
     build_reference(folder, r18vd_config(), seed=0)
     no_cache = {"JAX_ENABLE_COMPILATION_CACHE": "false"}
-    cache_dir = tempfile.mkdtemp(prefix="rtdetr-xla-cache-")
+    cache_dir = scratch_dir("rtdetr-xla-cache-")
     with_cache = {"JAX_COMPILATION_CACHE_DIR": cache_dir, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     rows = {
         "jax_cold": run_child("jax", folder, args.size, no_cache),

@@ -11,12 +11,11 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from common import machine_info, start_like_the_cli, write_result  # noqa: E402
+from common import machine_info, scratch_dir, start_like_the_cli, write_result  # noqa: E402
 from rtdetr_jax.data.synthetic import write_shapes_dataset  # noqa: E402
 from rtdetr_jax.train.loop import TrainConfig, fit  # noqa: E402
 
@@ -35,7 +34,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.smoke:
         args.train_images, args.val_images, args.epochs, args.image_size = 32, 8, 1, 128
-    work = args.workdir or tempfile.mkdtemp(prefix="rtdetr-learning-")
+    work = args.workdir or scratch_dir("rtdetr-learning-")
     data = os.path.join(work, "shapes")
     t0 = time.perf_counter()
     write_shapes_dataset(data, train=args.train_images, val=args.val_images, size=args.image_size, seed=0)

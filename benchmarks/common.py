@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -22,6 +25,13 @@ def start_like_the_cli() -> None:
         reexec_with_hugepage_malloc()
     except ValueError as err:  # a bad RTDETR_JAX_MALLOC value
         sys.exit(f"{os.path.basename(sys.argv[0])}: error: {err}")
+
+
+def scratch_dir(prefix: str) -> str:
+    """A new temporary folder (the reference checkpoint, a compilation cache), removed when this process exits."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def machine_info() -> dict:

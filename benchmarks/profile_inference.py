@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
-from common import machine_info, median_time, start_like_the_cli, write_result  # noqa: E402
+from common import machine_info, scratch_dir, median_time, start_like_the_cli, write_result  # noqa: E402
 
 
 def jax_stages(model, pixels, iters: int) -> dict:
@@ -98,7 +97,7 @@ def main(argv=None) -> dict:
 
     from rtdetr_jax import RTDetrV2ForObjectDetection
 
-    folder = tempfile.mkdtemp(prefix="rtdetr-profile-")
+    folder = scratch_dir("rtdetr-profile-")
     reference = build_reference(folder, r18vd_config(), seed=0)
     model = RTDetrV2ForObjectDetection.from_pretrained(folder)
     pixels = synthetic_batch(args.batch, args.size, args.size, seed=1)

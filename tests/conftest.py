@@ -8,7 +8,9 @@ that the k-th and (k+1)-th encoder scores are well separated before trusting a c
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
@@ -17,8 +19,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 # converted-weights cache (rtdetr_jax/convert/cache.py) in a throw-away folder, not the user's ~/.cache;
-# subprocesses started by tests inherit it
-os.environ["RTDETR_JAX_CACHE"] = tempfile.mkdtemp(prefix="rtdetr-jax-test-cache-")
+# subprocesses started by tests inherit it; removed when this process (each pytest-xdist worker has its own) ends
+os.environ["RTDETR_JAX_CACHE"] = _CONVERSION_CACHE = tempfile.mkdtemp(prefix="rtdetr-jax-test-cache-")
+atexit.register(shutil.rmtree, _CONVERSION_CACHE, ignore_errors=True)
 
 from images import synthetic_batch  # noqa: E402
 
