@@ -22,7 +22,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -31,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
-from common import machine_info, paired_times, run_json_child, start_like_the_cli, write_result  # noqa: E402
+from common import machine_info, scratch_dir, paired_times, run_json_child, start_like_the_cli, write_result  # noqa: E402
 
 
 def _proc_status_kb(field: str) -> int:
@@ -43,7 +42,7 @@ def _proc_status_kb(field: str) -> int:
 
 
 def memory_child(framework: str, folder: str, batch: int, iters: int) -> None:
-    """Runs in a fresh process: prints JSON {baseline_mb, peak_mb, forward_peak_mb}."""
+    """Runs in a fresh process: prints JSON {baseline_mb, peak_mb, forward_peak_mb, load_and_first_call_peak_mb}."""
     from images import synthetic_batch
 
     pixels = synthetic_batch(batch, 640, 640, seed=1)
@@ -69,6 +68,7 @@ def memory_child(framework: str, folder: str, batch: int, iters: int) -> None:
 
     out = forward()
     del out
+    load_and_compile_peak = _proc_status_kb("VmHWM")  # loading, the first call (compiling, for jax)
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")  # reset the resident-set high-water mark
     baseline = _proc_status_kb("VmRSS")
@@ -77,7 +77,8 @@ def memory_child(framework: str, folder: str, batch: int, iters: int) -> None:
         del out
     peak = _proc_status_kb("VmHWM")
     print(json.dumps({"baseline_mb": baseline / 1024, "peak_mb": peak / 1024,
-                      "forward_peak_mb": (peak - baseline) / 1024}))
+                      "forward_peak_mb": (peak - baseline) / 1024,
+                      "load_and_first_call_peak_mb": load_and_compile_peak / 1024}))
 
 
 def measure_memory(framework: str, folder: str, batch: int, iters: int) -> dict:
@@ -129,7 +130,7 @@ def main(argv=None) -> dict:
 
     from rtdetr_jax import RTDetrImageProcessor, RTDetrV2ForObjectDetection
 
-    folder = tempfile.mkdtemp(prefix="rtdetr-bench-")
+    folder = scratch_dir("rtdetr-bench-")
     reference = build_reference(folder, r18vd_config(), seed=0)
     model = RTDetrV2ForObjectDetection.from_pretrained(folder)
     rows = []
@@ -180,6 +181,14 @@ def main(argv=None) -> dict:
               f"{r['time_ratio_jax_over_torch']:>11.2f}{r['paired_time_ratio_jax_over_torch']:>8.2f}"
               f"{r['jax_images_per_s']:>11.2f}{r['torch_images_per_s']:>13.2f}"
               f"{r['jax_first_call_s']:>16.1f}{mem[0]:>14}{mem[1]:>16}")
+    if not args.no_memory:
+        print("memory [MB], each side in a fresh process: resident after load and first call / forward peak on "
+              "top / process peak while forwarding / process peak while loading and compiling")
+        for r in rows:
+            for side in ("jax", "torch"):
+                m = r[f"{side}_memory"]
+                print(f"{r['batch']:>5} {side:>6}{m['baseline_mb']:>8.0f}{m['forward_peak_mb']:>8.0f}"
+                      f"{m['peak_mb']:>8.0f}{m['load_and_first_call_peak_mb']:>8.0f}")
     write_result(args.out, result)
     return result
 

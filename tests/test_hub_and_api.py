@@ -128,6 +128,23 @@ def test_repeated_inference_never_recompiles(tiny_model, images_2x96x128):
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
+def test_compiler_memory_released_after_each_new_shape(tiny_model, images_2x96x128, monkeypatch):
+    """After a call that compiled (a new input shape), the model hands the compiler's freed memory back to the
+    system (host_memory.release_free_heap); calls that reuse a compiled shape do not pay for it."""
+    import rtdetr_jax.model
+
+    model, _ = tiny_model
+    calls = []
+    monkeypatch.setattr(rtdetr_jax.model, "release_free_heap", lambda: calls.append(1) or True)
+    pixels = images_2x96x128[:, :, :32, :64]  # a shape no other test uses, so the first call must compile
+    model(pixel_values=pixels)
+    assert len(calls) == 1
+    model(pixel_values=pixels * 0.5)
+    assert len(calls) == 1
+    model(pixel_values=pixels[:1])
+    assert len(calls) == 2
+
+
 @pytest.mark.parametrize(
     "shape, message",
     [((3, 96, 128), "expected \\(batch, 3, height, width\\)"), ((1, 1, 96, 128), "expected"),
