@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from rtdetr_jax.modeling.layers import Conv2d
-from rtdetr_jax.ops.strided_conv import conv2d, strided_conv2d
+from rtdetr_jax.ops.conv import conv2d
+from rtdetr_jax.ops.strided_conv import strided_conv2d
 
 torch = pytest.importorskip("torch")
 

@@ -17,7 +17,7 @@ import numpy as np
 from rtdetr_jax.config import RTDetrV2Config
 from rtdetr_jax.modeling.layers import (BatchNorm, Conv2d, Dtype, MultiheadSelfAttention, activation, dense,
                                        fold_conv_norm, layer_norm)
-from rtdetr_jax.ops.strided_conv import conv2d
+from rtdetr_jax.ops.conv import conv2d
 
 
 @functools.lru_cache(maxsize=32)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from rtdetr_jax.ops.batch_norm import batch_norm_train
-from rtdetr_jax.ops.strided_conv import conv2d
+from rtdetr_jax.ops.conv import conv2d
 
 Dtype = Any
 
@@ -60,7 +60,7 @@ class Conv2d(nn.Module):
             (self.kernel_size, self.kernel_size, x.shape[-1], self.features),
             jnp.float32,
         )
-        # strided: XLA's forward, input gradient per stride phase (ops/strided_conv.py)
+        # the algorithm (direct, per-stride-phase gradient, Winograd) is chosen by ops/conv.py
         y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, pad)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)

@@ -10,7 +10,8 @@ Here the input grid is split into stride x stride phases: input row `s*m + r` on
 `t` with `t = r + p (mod s)`, at output row `m + (r + p - t) / s`. So each phase of the input gradient is a
 stride-1 convolution of the output gradient with a sub-kernel of those taps (for 3x3 at stride 2: 1x1, 1x2, 2x1
 and 2x2 taps, 9 in all, no zeros multiplied), and the phases are interleaved once at the end. The forward pass
-and the kernel gradient are XLA's own. `conv2d` is the entry point: stride 1 stays XLA's convolution throughout.
+and the kernel gradient are XLA's own. `conv2d` (ops/conv.py) is the entry point that sends strided convolutions
+here.
 """
 
 from __future__ import annotations
@@ -23,25 +24,20 @@ import jax.numpy as jnp
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
 
-def _conv(x, kernel, stride: int, padding: int):
+def plain_conv2d(x, kernel, stride: int, padding: int):
+    """XLA's convolution: x (batch, H, W, in), kernel (kh, kw, in, out), symmetric padding."""
     return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((padding, padding), (padding, padding)),
                                         dimension_numbers=_DIMS)
-
-
-def conv2d(x, kernel, stride: int = 1, padding: int = 0):
-    """`torch.nn.functional.conv2d(x, kernel, stride=stride, padding=padding)` on x (batch, H, W, in) with kernel
-    (kh, kw, in, out): symmetric zero padding, no dilation, no groups. Strided ones use `strided_conv2d`."""
-    return strided_conv2d(x, kernel, stride, padding) if stride > 1 else _conv(x, kernel, stride, padding)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def strided_conv2d(x, kernel, stride: int, padding: int):
     """`conv2d` for stride >= 2, with the per-phase input gradient."""
-    return _conv(x, kernel, stride, padding)
+    return plain_conv2d(x, kernel, stride, padding)
 
 
 def _fwd(x, kernel, stride, padding):
-    return _conv(x, kernel, stride, padding), (x, kernel)
+    return plain_conv2d(x, kernel, stride, padding), (x, kernel)
 
 
 def _phase_taps(size: int, out_size: int, k: int, stride: int, padding: int, r: int):
@@ -88,7 +84,7 @@ def _input_gradient(x_shape, kernel, dy, stride: int, padding: int):
 def _bwd(stride, padding, residuals, dy):
     x, kernel = residuals
     dx = _input_gradient(x.shape, kernel, dy, stride, padding).astype(x.dtype)
-    dkernel = jax.vjp(lambda v: _conv(x, v, stride, padding), kernel)[1](dy)[0]
+    dkernel = jax.vjp(lambda v: plain_conv2d(x, v, stride, padding), kernel)[1](dy)[0]
     return dx, dkernel
 
 

@@ -1,0 +1,69 @@
+"""`conv2d`, the one entry point for the detector's 2-d convolutions, and the choice of algorithm behind it.
+
+- stride >= 2: XLA's convolution with the input gradient taken per stride phase (ops/strided_conv.py);
+- 3x3, stride 1, padding 1, float32, on the CPU, both channel counts >= `WINOGRAD_MIN_CHANNELS` and at least
+  `WINOGRAD_MIN_FLOP` of work: Winograd's F(2x2, 3x3) (ops/winograd.py), 2.25x fewer multiplications;
+- anything else: XLA's convolution.
+
+The choice is made when the function is traced (shapes, dtype and backend are static), so one compiled graph
+holds one algorithm per layer. `conv_algorithm("direct")` (or "winograd") overrides it for the functions traced
+inside the block, for benchmarks and tests that compare the two in one process.
+
+Where Winograd pays (benchmarks/README.md, "Winograd"): on the 2-core CPU at 64-512 channels, one convolution's
+forward 1.25-1.75x faster than XLA's (gradients stay XLA's: ops/winograd.py says why); at 32 channels (the deep
+stem at 320x320) it was 1.5x slower, and at 0.12 GFLOP ((1, 20, 20, 128) -> 128) its fixed costs made it 1.2x
+slower, while from 0.47 GFLOP up ((1, 40, 40, 128) -> 128, (16, 20, 20, 64) -> 64) it won. On GPU (cuDNN picks its own algorithms, Winograd among them) and TPU (convolutions
+run on the matrix unit) it is not used, nor in bfloat16/float16, whose rounding the transforms would amplify.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import jax
+import jax.numpy as jnp
+
+from rtdetr_jax.ops.strided_conv import plain_conv2d, strided_conv2d
+from rtdetr_jax.ops.winograd import winograd_conv3x3
+
+WINOGRAD_MIN_CHANNELS = 64
+WINOGRAD_MIN_FLOP = 2.5e8  # of the direct convolution: 2 * 9 * in * out per output pixel
+ALGORITHMS = ("auto", "direct", "winograd")
+_ALGORITHM = contextvars.ContextVar("rtdetr_jax_conv_algorithm", default="auto")
+
+
+@contextlib.contextmanager
+def conv_algorithm(name: str):
+    """Within the block, functions traced use `name` for every 3x3 stride-1 padding-1 convolution: "auto" (the
+    default rule above), "direct" (XLA's convolution) or "winograd" (wherever it applies, any dtype or backend)."""
+    if name not in ALGORITHMS:
+        raise ValueError(f"conv_algorithm {name!r} is not one of {', '.join(ALGORITHMS)}")
+    token = _ALGORITHM.set(name)
+    try:
+        yield
+    finally:
+        _ALGORITHM.reset(token)
+
+
+def uses_winograd(x_shape, kernel_shape, dtype, stride: int, padding: int) -> bool:
+    """Whether `conv2d` computes this convolution by Winograd's F(2x2, 3x3)."""
+    kh, kw, cin, cout = kernel_shape
+    if (kh, kw, stride, padding) != (3, 3, 1, 1):
+        return False
+    choice = _ALGORITHM.get()
+    if choice != "auto":
+        return choice == "winograd"
+    n, h, w, _ = x_shape
+    return (jnp.dtype(dtype) == jnp.float32 and jax.default_backend() == "cpu"
+            and min(cin, cout) >= WINOGRAD_MIN_CHANNELS and 18 * n * h * w * cin * cout >= WINOGRAD_MIN_FLOP)
+
+
+def conv2d(x, kernel, stride: int = 1, padding: int = 0):
+    """`torch.nn.functional.conv2d(x, kernel, stride=stride, padding=padding)` on x (batch, H, W, in) with kernel
+    (kh, kw, in, out): symmetric zero padding, no dilation, no groups."""
+    if stride > 1:
+        return strided_conv2d(x, kernel, stride, padding)
+    if uses_winograd(x.shape, kernel.shape, x.dtype, stride, padding):
+        return winograd_conv3x3(x, kernel)
+    return plain_conv2d(x, kernel, stride, padding)

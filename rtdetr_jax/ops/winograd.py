@@ -1,0 +1,93 @@
+"""3x3 stride-1 convolution by Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for
+Convolutional Neural Networks", CVPR 2016).
+
+Each 2x2 block of outputs is computed from the 4x4 input tile around it as `A^T [(G g G^T) * (B^T d B)] A`: the
+input tile and the kernel are transformed into 16 "planes", multiplied plane by plane (one matmul over channels per
+plane, for all tiles at once) and transformed back. That is 16 multiplications per 2x2 outputs and channel pair
+instead of 36: 2.25x fewer matmul FLOPs, bought with elementwise transforms (additions only, plus halves on the
+kernel side) that write the input 4x and the output 4x over.
+
+Why here: XLA:CPU's direct convolution already runs near the matmul peak (~150-160 GFLOP/s on the 2-core
+development machine), so only fewer FLOPs make it faster. Measured there (benchmarks/README.md, "Winograd"): one
+convolution's forward 1.25-1.75x faster at 64-512 channels and batch 1-8; the r18vd forward at 640x640 0.43 s ->
+0.36 s at batch 1. It loses at 32 channels (the deep stem), where the transforms' memory traffic outweighs the
+saved FLOPs; `conv2d` (ops/conv.py) decides where it is used.
+
+The gradients are XLA's gradients of the direct convolution (a `custom_vjp`; a convolution's gradient does not
+depend on how its forward was computed). Differentiating the planes instead was 1.4-1.8x faster for one
+convolution alone, but in the r18vd batch-4 training step it was slower (7.65 s vs 7.23 s a step, direct
+throughout) and compiled 28 s longer: its residuals are the 4x-sized transformed inputs. This way the step takes
+6.81 s and compiles 5 s longer.
+
+The 16 planes are kept as separate arrays, not stacked into one (16, tiles, channels) batch: stacked, XLA:CPU
+built the transformed input as one concatenation that ran several times slower than the 16 fused slices-and-adds
+(e.g. (1, 160, 160, 64): 31 ms stacked, 8 ms as planes). Rounding: float32 outputs land ~2x further from the
+float64 result than the direct convolution's (2.4e-6 vs 1.4e-6 at outputs up to ~4; tests/test_winograd.py), and
+the whole r18vd forward's float32 error stays at the direct convolution's and PyTorch's (~5e-4 on the logits).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rtdetr_jax.ops.strided_conv import plain_conv2d
+
+
+def _input_transform(d0, d1, d2, d3):
+    """The rows (or columns) of B^T d for one axis of the 4x4 input tile: B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],
+    [0,1,0,-1]]."""
+    return [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
+
+
+def _kernel_transform(g0, g1, g2):
+    """G g for one axis of the 3x3 kernel: G = [[1,0,0],[1/2,1/2,1/2],[1/2,-1/2,1/2],[0,0,1]]."""
+    return [g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2]
+
+
+def _output_transform(m0, m1, m2, m3):
+    """A^T m for one axis: A^T = [[1,1,1,0],[0,1,-1,-1]]."""
+    return [m0 + m1 + m2, m1 - m2 - m3]
+
+
+def winograd_kernel(kernel):
+    """(3, 3, in, out) HWIO kernel -> 4x4 nested list of (in, out) planes U[a][b] = (G g G^T)[a, b]."""
+    rows = [_kernel_transform(kernel[0, j], kernel[1, j], kernel[2, j]) for j in range(3)]  # rows[j][a]
+    return [_kernel_transform(rows[0][a], rows[1][a], rows[2][a]) for a in range(4)]
+
+
+@jax.custom_vjp
+def winograd_conv3x3(x, kernel):
+    """`conv2d(x, kernel, stride=1, padding=1)` for x (batch, H, W, in) and a (3, 3, in, out) kernel; any H, W
+    (odd sizes are padded by one row or column and cropped back). Gradients: the direct convolution's."""
+    return _winograd_forward(x, kernel)
+
+
+def _forward_with_residuals(x, kernel):
+    return _winograd_forward(x, kernel), (x, kernel)
+
+
+def _direct_gradients(residuals, dy):
+    x, kernel = residuals
+    return jax.vjp(lambda x_, k_: plain_conv2d(x_, k_, 1, 1), x, kernel)[1](dy)
+
+
+winograd_conv3x3.defvjp(_forward_with_residuals, _direct_gradients)
+
+
+def _winograd_forward(x, kernel):
+    n, h, w, c = x.shape
+    out = kernel.shape[-1]
+    th, tw = -(-h // 2), -(-w // 2)  # tiles of 2x2 outputs
+    xp = jnp.pad(x, ((0, 0), (1, 1 + h % 2), (1, 1 + w % 2), (0, 0)))  # (batch, 2*th + 2, 2*tw + 2, in)
+    # tile (t, s) reads padded rows 2t..2t+3 and columns 2s..2s+3
+    rows = _input_transform(*[xp[:, i:i + 2 * th:2] for i in range(4)])  # 4 x (batch, th, 2*tw + 2, in)
+    planes = [_input_transform(*[r[:, :, j:j + 2 * tw:2] for j in range(4)]) for r in rows]  # 4x4 x (batch, th, tw, in)
+    u = winograd_kernel(kernel.astype(x.dtype))
+    # 16 matmuls over channels, one per plane: (batch * th * tw, in) @ (in, out)
+    m = [[jnp.dot(planes[a][b].reshape(-1, c), u[a][b]).reshape(n, th, tw, out) for b in range(4)]
+         for a in range(4)]
+    cols = [_output_transform(*[m[a][b] for a in range(4)]) for b in range(4)]  # cols[b][p]
+    y = [_output_transform(*[cols[b][p] for b in range(4)]) for p in range(2)]  # y[p][q]: (batch, th, tw, out)
+    y = jnp.stack([jnp.stack(y[p], 3) for p in range(2)], 2)  # (batch, th, 2, tw, 2, out)
+    return y.reshape(n, 2 * th, 2 * tw, out)[:, :h, :w]

@@ -1,0 +1,140 @@
+"""ops/winograd.py and the algorithm choice in ops/conv.py: Winograd's F(2x2, 3x3) gives torch conv2d's output and
+both gradients (exactly, up to float64 rounding), float32 rounding of the same order as the direct convolution's,
+and `conv2d` uses it exactly where the rule says."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rtdetr_jax.modeling.layers import Conv2d
+from rtdetr_jax.ops.conv import WINOGRAD_MIN_CHANNELS, conv2d, conv_algorithm, uses_winograd
+from rtdetr_jax.ops.strided_conv import plain_conv2d
+from rtdetr_jax.ops.winograd import winograd_conv3x3
+
+torch = pytest.importorskip("torch")
+
+
+def torch_conv3x3(x, kernel, probe):
+    """Output, input gradient and kernel gradient of sum(conv2d(x, kernel, padding=1) * probe); NHWC/HWIO."""
+    xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+    kt = torch.tensor(kernel.transpose(3, 2, 0, 1), requires_grad=True)
+    y = torch.nn.functional.conv2d(xt, kt, padding=1)
+    (y * torch.tensor(probe.transpose(0, 3, 1, 2))).sum().backward()
+    return (y.detach().numpy().transpose(0, 2, 3, 1), xt.grad.numpy().transpose(0, 2, 3, 1),
+            kt.grad.numpy().transpose(2, 3, 1, 0))
+
+
+# (batch, height, width, in, out): even sizes, odd ones (padded to whole tiles and cropped), a single pixel,
+# a single row
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3, 4), (1, 7, 9, 5, 2), (2, 1, 1, 4, 3), (1, 1, 6, 2, 2),
+                                   (1, 5, 4, 6, 7)])
+def test_matches_torch_in_float64(shape):
+    n, h, w, cin, cout = shape
+    rng = np.random.default_rng(sum(shape))
+    x, k, probe = rng.normal(size=(n, h, w, cin)), rng.normal(size=(3, 3, cin, cout)), rng.normal(size=(n, h, w, cout))
+    expected = torch_conv3x3(x, k, probe)
+    with jax.enable_x64(True):
+        loss = lambda x_, k_: jnp.sum(winograd_conv3x3(x_, k_) * probe)  # noqa: E731
+        y = winograd_conv3x3(jnp.asarray(x), jnp.asarray(k))
+        dx, dk = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(k))
+    for name, got, want in zip(("y", "dx", "dkernel"), (y, dx, dk), expected):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-10, atol=1e-10, err_msg=name)
+
+
+def test_float32_rounding_of_the_order_of_the_direct_convolution():
+    """At a model-like size, float32 Winograd and float32 direct convolution sit at comparable distances from the
+    float64 result (measured: 2.4e-6 vs 1.4e-6 at outputs up to ~4): the transforms add rounding of the
+    order of one more summation, no more."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(1, 20, 20, 128))
+    k = rng.normal(size=(3, 3, 128, 128)) / np.sqrt(9 * 128)
+    with jax.enable_x64(True):
+        truth = np.asarray(plain_conv2d(jnp.asarray(x), jnp.asarray(k), 1, 1))
+    x32, k32 = jnp.asarray(x, jnp.float32), jnp.asarray(k, jnp.float32)
+    direct = np.abs(np.asarray(plain_conv2d(x32, k32, 1, 1)) - truth).max()
+    winograd = np.abs(np.asarray(winograd_conv3x3(x32, k32)) - truth).max()
+    assert winograd <= 1e-5 * np.abs(truth).max(), (winograd, direct)
+    assert winograd <= 8 * direct, (winograd, direct)
+
+
+def test_dtype_kept():
+    x = jnp.ones((1, 6, 5, 2), jnp.bfloat16)
+    k = jnp.ones((3, 3, 2, 3), jnp.bfloat16)
+    y = winograd_conv3x3(x, k)
+    assert y.shape == (1, 6, 5, 3) and y.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("kernel_shape, dtype, stride, padding, expected", [  # on a (1, 80, 80, in) input
+    ((3, 3, 64, 64), jnp.float32, 1, 1, True),
+    ((3, 3, 512, 256), jnp.float32, 1, 1, True),
+    ((3, 3, 32, 64), jnp.float32, 1, 1, False),   # the deep stem: slower there
+    ((3, 3, 64, 32), jnp.float32, 1, 1, False),
+    ((3, 3, 128, 128), jnp.bfloat16, 1, 1, False),  # reduced precision: direct
+    ((3, 3, 128, 128), jnp.float64, 1, 1, False),
+    ((3, 3, 128, 128), jnp.float32, 2, 1, False),  # strided: ops/strided_conv.py
+    ((3, 3, 128, 128), jnp.float32, 1, 0, False),  # another padding
+    ((1, 1, 128, 128), jnp.float32, 1, 0, False),
+])
+def test_the_automatic_choice(kernel_shape, dtype, stride, padding, expected):
+    on_cpu = jax.default_backend() == "cpu"
+    assert uses_winograd((1, 80, 80, kernel_shape[2]), kernel_shape, dtype, stride, padding) is (expected and on_cpu)
+
+
+def test_small_convolutions_stay_direct():
+    """Below WINOGRAD_MIN_FLOP the transforms' fixed costs win over the saved multiplications."""
+    on_cpu = jax.default_backend() == "cpu"
+    assert not uses_winograd((1, 20, 20, 128), (3, 3, 128, 128), jnp.float32, 1, 1)  # 0.12 GFLOP
+    assert uses_winograd((1, 40, 40, 128), (3, 3, 128, 128), jnp.float32, 1, 1) is on_cpu  # 0.47 GFLOP
+    assert uses_winograd((16, 20, 20, 64), (3, 3, 64, 64), jnp.float32, 1, 1) is on_cpu
+
+
+def test_conv_algorithm_overrides_the_choice_within_its_block():
+    big, small = (3, 3, 128, 128), (3, 3, 8, 8)
+    with conv_algorithm("direct"):
+        assert not uses_winograd((1, 80, 80, 128), big, jnp.float32, 1, 1)
+    with conv_algorithm("winograd"):
+        assert uses_winograd((1, 40, 40, 8), small, jnp.bfloat16, 1, 1)
+        assert not uses_winograd((1, 40, 40, 8), (3, 3, 8, 8), jnp.float32, 2, 1)  # only where it applies
+    with pytest.raises(RuntimeError), conv_algorithm("winograd"):
+        raise RuntimeError("the block's setting is undone on the way out")
+    assert uses_winograd((1, 80, 80, 128), big, jnp.float32, 1, 1) is (jax.default_backend() == "cpu")
+    with pytest.raises(ValueError, match="^conv_algorithm 'fft' is not one of auto, direct, winograd$"):
+        with conv_algorithm("fft"):
+            pass
+
+
+@pytest.mark.parametrize("channels", [WINOGRAD_MIN_CHANNELS, 16])
+def test_conv2d_module_takes_the_chosen_path_with_the_same_results(channels):
+    """The Conv2d module at and below the channel threshold: Winograd (matmuls, no convolution in the graph) or
+    XLA's convolution, and either way the direct convolution's output and gradients to float32 rounding."""
+    rng = np.random.default_rng(channels)
+    x = jnp.asarray(rng.normal(size=(1, 64, 67, channels)), jnp.float32)  # odd width; 0.31 GFLOP at 64 channels
+    module = Conv2d(features=channels, kernel_size=3)
+    params = module.init(jax.random.PRNGKey(0), x)
+    kernel = params["params"]["kernel"]
+    graph = str(jax.make_jaxpr(module.apply)(params, x))
+    winograd = channels >= WINOGRAD_MIN_CHANNELS and jax.default_backend() == "cpu"
+    assert ("conv_general_dilated" not in graph) is winograd
+    np.testing.assert_allclose(np.asarray(module.apply(params, x)), np.asarray(plain_conv2d(x, kernel, 1, 1)),
+                               rtol=1e-5, atol=1e-5)
+    got = jax.grad(lambda p, x_: jnp.sum(module.apply(p, x_) ** 2), argnums=(0, 1))(params, x)
+    want = jax.grad(lambda k_, x_: jnp.sum(plain_conv2d(x_, k_, 1, 1) ** 2), argnums=(0, 1))(kernel, x)
+    scale = float(np.abs(np.asarray(want[0])).max())
+    np.testing.assert_allclose(np.asarray(got[0]["params"]["kernel"]), np.asarray(want[0]), rtol=0,
+                               atol=1e-5 * scale)
+    np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-4, atol=1e-4)
+
+
+def test_conv2d_entry_point():
+    """`conv2d` under each algorithm gives the same convolution."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(1, 6, 6, 4)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(3, 3, 4, 5)), jnp.float32)
+    with conv_algorithm("winograd"):
+        a = conv2d(x, k, 1, 1)
+    with conv_algorithm("direct"):
+        b = conv2d(x, k, 1, 1)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
