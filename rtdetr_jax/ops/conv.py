@@ -7,13 +7,18 @@
 
 The choice is made when the function is traced (shapes, dtype and backend are static), so one compiled graph
 holds one algorithm per layer. `conv_algorithm("direct")` (or "winograd") overrides it for the functions traced
-inside the block, for benchmarks and tests that compare the two in one process.
+inside the block, for benchmarks and tests that compare the two in one process. jax caches a trace per function
+object, so jit a fresh function (a new lambda) inside the block: a function traced before is not traced again.
 
 Where Winograd pays (benchmarks/README.md, "Winograd"): on the 2-core CPU at 64-512 channels, one convolution's
 forward 1.25-1.75x faster than XLA's (gradients stay XLA's: ops/winograd.py says why); at 32 channels (the deep
-stem at 320x320) it was 1.5x slower, and at 0.12 GFLOP ((1, 20, 20, 128) -> 128) its fixed costs made it 1.2x
-slower, while from 0.47 GFLOP up ((1, 40, 40, 128) -> 128, (16, 20, 20, 64) -> 64) it won. On GPU (cuDNN picks its own algorithms, Winograd among them) and TPU (convolutions
-run on the matrix unit) it is not used, nor in bfloat16/float16, whose rounding the transforms would amplify.
+stem at 320x320) it was 1.3-1.8x slower. `WINOGRAD_MIN_FLOP` keeps small convolutions direct: at 0.12 GFLOP
+((1, 20, 20, 128) -> 128, the encoder's last RepVGG blocks) runs disagreed (0.81x to 1.24x, a fraction of a
+millisecond either way), while each Winograd convolution adds some 40 operations for XLA to compile, which the
+narrow test and demo models would pay for nothing; from 0.47 GFLOP up ((1, 40, 40, 128) -> 128,
+(16, 20, 20, 64) -> 64) it won in every run, except (4, 160, 160, 64) -> 64 (training's first stage, 0.91x to
+1.11x across runs). On GPU (cuDNN picks its own algorithms, Winograd among them) and TPU (convolutions run on the
+matrix unit) it is not used, nor in bfloat16/float16, whose rounding the transforms would amplify.
 """
 
 from __future__ import annotations
