@@ -36,7 +36,7 @@ Compiling leaves freed memory behind: XLA's compiler allocates and frees a few h
 glibc keeps the freed pages in its heaps. `release_free_heap()` (glibc's `malloc_trim(0)`) gives them back to the
 system; the model calls it after each compilation of a new input shape and after loading weights. Measured on
 r18vd at 1x3x640x640 (benchmarks/README.md, "Peak memory"): the resident set after the first forward goes from
-~670-740 MB to ~460 MB, below PyTorch's ~550-570 MB; `malloc_trim` itself takes well under a millisecond.
+~670-740 MB to ~520 MB (PyTorch: ~550 MB); `malloc_trim` itself takes well under a millisecond.
 `RTDETR_JAX_MALLOC=off` turns this off too.
 """
 
