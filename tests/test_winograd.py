@@ -138,3 +138,40 @@ def test_conv2d_entry_point():
     with conv_algorithm("direct"):
         b = conv2d(x, k, 1, 1)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_transforms_are_not_all_computed_up_front():
+    """Three chained 256-channel convolutions on a small map, where the transformed kernels (16 x 256 x 256 floats,
+    4 MB each) dwarf the activations: XLA's planned scratch holds one layer's transformed kernel at a time, not all
+    three (which it did before `_after` tied each transform to its layer's input)."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(1, 8, 8, 256)), jnp.float32)
+    kernels = [jnp.asarray(rng.normal(size=(3, 3, 256, 256)) * 0.02, jnp.float32) for _ in range(3)]
+
+    def chain(x, k0, k1, k2):
+        for k in (k0, k1, k2):
+            x = jax.nn.relu(winograd_conv3x3(x, k))
+        return x
+
+    compiled = jax.jit(chain).lower(x, *kernels).compile()
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        pytest.skip("this backend reports no memory analysis")
+    one_kernel = 16 * 256 * 256 * 4
+    assert analysis.temp_size_in_bytes < 1.5 * one_kernel, analysis.temp_size_in_bytes
+    direct = x
+    for k in kernels:
+        direct = jax.nn.relu(plain_conv2d(direct, k, 1, 1))
+    np.testing.assert_allclose(np.asarray(compiled(x, *kernels)), np.asarray(direct), rtol=1e-4, atol=1e-4)
+
+
+def test_non_finite_input_stays_local():
+    """The zero that orders the kernel transform after the input is exact even when that input element is not
+    finite: only the outputs that read the NaN become NaN, as with the direct convolution."""
+    x = np.ones((1, 8, 8, 4), np.float32)
+    x[0, 0, 0, 0] = np.nan
+    k = np.ones((3, 3, 4, 4), np.float32)
+    y = np.asarray(winograd_conv3x3(jnp.asarray(x), jnp.asarray(k)))
+    direct = np.asarray(plain_conv2d(jnp.asarray(x), jnp.asarray(k), 1, 1))
+    assert np.isnan(y[0, :2, :2]).all() and np.isfinite(y[0, 2:]).all()
+    np.testing.assert_allclose(y[0, 2:], direct[0, 2:])
