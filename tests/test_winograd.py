@@ -28,9 +28,9 @@ def torch_conv3x3(x, kernel, probe):
 
 
 # (batch, height, width, in, out): even sizes, odd ones (padded to whole tiles and cropped), a single pixel,
-# a single row
+# a single row, an empty batch
 @pytest.mark.parametrize("shape", [(2, 8, 8, 3, 4), (1, 7, 9, 5, 2), (2, 1, 1, 4, 3), (1, 1, 6, 2, 2),
-                                   (1, 5, 4, 6, 7)])
+                                   (1, 5, 4, 6, 7), (0, 4, 4, 2, 3)])
 def test_matches_torch_in_float64(shape):
     n, h, w, cin, cout = shape
     rng = np.random.default_rng(sum(shape))

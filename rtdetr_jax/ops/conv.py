@@ -12,7 +12,7 @@ object, so jit a fresh function (a new lambda) inside the block: a function trac
 
 Where Winograd pays (benchmarks/README.md, "Winograd"): on the 2-core CPU at 64-512 channels, one convolution's
 forward 1.25-1.75x faster than XLA's (gradients stay XLA's: ops/winograd.py says why); at 32 channels (the deep
-stem at 320x320) it was 1.3-1.8x slower. `WINOGRAD_MIN_FLOP` keeps small convolutions direct: at 0.12 GFLOP
+stem at 320x320) it was 1.2-2.9x slower. `WINOGRAD_MIN_FLOP` keeps small convolutions direct: at 0.12 GFLOP
 ((1, 20, 20, 128) -> 128, the encoder's last RepVGG blocks) runs disagreed (0.81x to 1.24x, a fraction of a
 millisecond either way), while each Winograd convolution adds some 40 operations for XLA to compile, which the
 narrow test and demo models would pay for nothing; from 0.47 GFLOP up ((1, 40, 40, 128) -> 128,

@@ -60,6 +60,8 @@ def _after(kernel, x):
     Adding zero derived from one element of the layer's input makes the transform wait for that input; with it
     the plan is 57 MB again. (`lax.optimization_barrier` does not do this on the CPU: XLA removes it before
     scheduling.) The zero is exact: a non-finite element is replaced by 0 before the multiplication."""
+    if x.size == 0:  # an empty batch: nothing to wait for
+        return kernel
     x0 = x[(0,) * x.ndim]
     return kernel + (jnp.where(jnp.isfinite(x0), x0, 0) * 0).astype(kernel.dtype)
 
