@@ -84,15 +84,29 @@ def transparent_hugepages_enabled(setting_file: str = _THP_SETTING) -> bool:
     return transparent_hugepages_mode(setting_file) in ("always", "madvise")
 
 
+def switched_on(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether `RTDETR_JAX_MALLOC` in `environ` (default `os.environ`) leaves the malloc tuning on: unset or `on`
+    (any case, spaces ignored) is on, `off` is off; ValueError naming the value for anything else."""
+    environ = os.environ if environ is None else environ
+    choice = environ.get(SWITCH, "").strip().lower()
+    if choice not in ("", "on", "off"):
+        raise ValueError(f"{SWITCH}={environ[SWITCH]!r}: use 'on' (the default) or 'off'")
+    return choice != "off"
+
+
+def other_allocator_preloaded(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether `LD_PRELOAD` in `environ` (default `os.environ`) names jemalloc, tcmalloc or mimalloc: the user chose
+    their allocator, and glibc's tunables and `malloc_trim` are not ours to use."""
+    environ = os.environ if environ is None else environ
+    return any(name in environ.get("LD_PRELOAD", "") for name in _OTHER_ALLOCATORS)
+
+
 def hugepage_malloc_env(environ: Mapping[str, str] | None = None, supported: bool | None = None) -> dict[str, str]:
     """The variables to set in `environ` (default `os.environ`) for malloc to use transparent huge pages; `{}` when
     the user opted out or chose for themselves, or `supported` (default: glibc >= 2.35 on Linux with transparent
     huge pages on) is false. Raises ValueError for a `RTDETR_JAX_MALLOC` other than on/off."""
     environ = os.environ if environ is None else environ
-    choice = environ.get(SWITCH, "").strip().lower()
-    if choice not in ("", "on", "off"):
-        raise ValueError(f"{SWITCH}={environ[SWITCH]!r}: use 'on' (the default) or 'off'")
-    if choice == "off" or environ.get(MARKER):
+    if not switched_on(environ) or environ.get(MARKER):
         return {}
     if supported is None:
         supported = glibc_supports_hugetlb() and transparent_hugepages_enabled()
@@ -101,7 +115,7 @@ def hugepage_malloc_env(environ: Mapping[str, str] | None = None, supported: boo
     tunables = environ.get("GLIBC_TUNABLES", "")
     if "glibc.malloc.hugetlb" in tunables:
         return {}
-    if any(name in environ.get("LD_PRELOAD", "") for name in _OTHER_ALLOCATORS):
+    if other_allocator_preloaded(environ):
         return {}
     return {"GLIBC_TUNABLES": f"{tunables}:{TUNABLE}" if tunables else TUNABLE}
 
@@ -137,10 +151,9 @@ def release_free_heap() -> bool:
     """Return the malloc heaps' free pages to the system (glibc's `malloc_trim(0)`, every arena); True when glibc
     released some. Call it after a burst of freed memory that will not be needed again soon, e.g. after XLA
     compiled something: the compiler's temporaries stay resident otherwise. A no-op (False) without glibc, with
-    another allocator preloaded, or with `RTDETR_JAX_MALLOC=off`."""
-    if os.environ.get(SWITCH, "").strip().lower() == "off":
-        return False
-    if any(name in os.environ.get("LD_PRELOAD", "") for name in _OTHER_ALLOCATORS):
+    another allocator preloaded, or with `RTDETR_JAX_MALLOC=off`; ValueError for a `RTDETR_JAX_MALLOC` other than
+    on/off, as on the command line."""
+    if not switched_on() or other_allocator_preloaded():
         return False
     trim = _malloc_trim()
     return bool(trim(0)) if trim is not None else False

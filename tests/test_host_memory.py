@@ -183,3 +183,9 @@ def test_release_free_heap_returns_freed_pages(switch):
 def test_release_free_heap_steps_aside_for_another_allocator(monkeypatch):
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
     assert release_free_heap() is False
+
+
+def test_release_free_heap_rejects_bad_switch_value(monkeypatch):
+    monkeypatch.setenv(SWITCH, "maybe")
+    with pytest.raises(ValueError, match=r"^RTDETR_JAX_MALLOC='maybe': use 'on' \(the default\) or 'off'$"):
+        release_free_heap()
