@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import jax
 import pytest
 from conftest import build_reference, tiny_config
 
@@ -130,19 +131,22 @@ def test_repeated_inference_never_recompiles(tiny_model, images_2x96x128):
 
 def test_compiler_memory_released_after_each_new_shape(tiny_model, images_2x96x128, monkeypatch):
     """After a call that compiled (a new input shape), the model hands the compiler's freed memory back to the
-    system (host_memory.release_free_heap); calls that reuse a compiled shape do not pay for it."""
+    system (host_memory.release_free_heap), once the call's outputs are ready (its scratch memory freed); calls
+    that reuse a compiled shape do not pay for it, nor wait."""
     import rtdetr_jax.model
 
     model, _ = tiny_model
-    calls = []
-    monkeypatch.setattr(rtdetr_jax.model, "release_free_heap", lambda: calls.append(1) or True)
+    events = []
+    monkeypatch.setattr(rtdetr_jax.model, "release_free_heap", lambda: events.append("trim") or True)
+    block = jax.block_until_ready
+    monkeypatch.setattr(jax, "block_until_ready", lambda x: events.append("wait") or block(x))
     pixels = images_2x96x128[:, :, :32, :64]  # a shape no other test uses, so the first call must compile
     model(pixel_values=pixels)
-    assert len(calls) == 1
+    assert events == ["wait", "trim"]
     model(pixel_values=pixels * 0.5)
-    assert len(calls) == 1
+    assert events == ["wait", "trim"]
     model(pixel_values=pixels[:1])
-    assert len(calls) == 2
+    assert events == ["wait", "trim"] * 2
 
 
 @pytest.mark.parametrize(
