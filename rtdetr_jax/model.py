@@ -128,12 +128,14 @@ class RTDetrV2ForObjectDetection:
     @staticmethod
     def _run(jitted, *args):
         """Call a jit function; after it compiled for a new signature, hand the compiler's freed memory back to
-        the system (host_memory.release_free_heap: ~200 MB at r18vd, which glibc would keep resident). That call
-        waits for its outputs first: the call runs asynchronously, and the scratch memory it frees at its end would
-        otherwise stay resident too (r18vd batch 1: 60-80 MB). Calls of a compiled signature return at once."""
+        the system (host_memory.release_free_heap: ~200 MB at r18vd, which glibc would keep resident): once as
+        the call starts running (asynchronously), before its scratch memory adds to the compiler's leftovers, and
+        again once its outputs are ready, for the scratch memory it freed at its end (r18vd batch 1: 60-80 MB).
+        Calls of a compiled signature return at once."""
         compiled = jitted._cache_size()
         out = jitted(*args)
         if jitted._cache_size() != compiled:
+            release_free_heap()
             jax.block_until_ready(out)
             release_free_heap()
         return out
