@@ -1,6 +1,16 @@
 """Training throughput side by side: our jit train step vs transformers' PyTorch forward + loss + backward + AdamW
-step, same weights, same batch, same targets, same machine, one run. The two sides' steps alternate (ours,
-PyTorch, PyTorch, ours, ...) so that the shared machine's drifting speed hits both alike.
+step, same weights, same batch, same targets, same machine, one run. Each side runs in a process of its own (a
+`common.Worker`), so that neither shares its process with the other's thread pools and allocator. The parent
+alternates blocks of `--block` consecutive steps (ours, PyTorch, PyTorch, ours, ...), so that the shared
+machine's drifting speed hits both alike, and reports two figures per side:
+
+- steady state: the steps after the first of each block, i.e. steps that follow a step of the same side, as in a
+  training loop. This is the training throughput.
+- after a pause: the first step of each block, which follows ~10 s in which that process sat idle while the other
+  side ran. On the development VM (virtio-balloon free page reporting: memory the guest frees is handed back to
+  the host after ~2 s, and faulting it in again costs a host page fault per page) our step pays several seconds
+  there: XLA:CPU frees its 2.95 GB scratch block at the end of every step and maps it afresh at the next, while
+  PyTorch's smaller buffers stay in glibc's heaps.
 
     python benchmarks/bench_training.py                         # r18vd, batch 4 at 640x640 (the issue's setting)
     python benchmarks/bench_training.py --size 320 --batch 2    # quicker
@@ -15,19 +25,72 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from common import (  # noqa: E402
+    Worker,
     machine_info,
     our_train_step,
-    paired_times,
+    scratch_dir,
+    serve_worker,
     start_like_the_cli,
     synthetic_detection_batch,
     write_result,
 )
+
+
+def jax_worker(args):
+    """Save a randomly initialised model to `args.folder`, load it, compile our train step (the first step)."""
+    import jax
+
+    from rtdetr_jax.config import RTDetrV2Config
+    from rtdetr_jax.model import RTDetrV2ForObjectDetection
+
+    config = RTDetrV2Config.from_preset(args.preset)
+    pixels, labels = synthetic_detection_batch(args.batch, args.size, config.num_labels)
+    RTDetrV2ForObjectDetection(config).save_pretrained(args.folder)
+    steps, state, batch = our_train_step(RTDetrV2ForObjectDetection.from_pretrained(args.folder), pixels, labels)
+    t = time.perf_counter()
+    state, metrics = steps.train_step(state, *batch)
+    jax.block_until_ready(metrics)
+    first_step_s = time.perf_counter() - t
+
+    def step():
+        nonlocal state
+        new_state, new_metrics = steps.train_step(state, *batch)
+        jax.block_until_ready(new_metrics)
+        state = new_state
+
+    return step, {"first_step_s": first_step_s, "machine": machine_info()}
+
+
+def torch_worker(args):
+    """transformers' model from the checkpoint the jax worker saved; one warm-up step."""
+    import torch
+    from transformers import RTDetrV2ForObjectDetection as HF
+
+    from rtdetr_jax.config import RTDetrV2Config
+
+    config = RTDetrV2Config.from_preset(args.preset)
+    pixels, labels = synthetic_detection_batch(args.batch, args.size, config.num_labels)
+    torch.manual_seed(0)
+    reference = HF.from_pretrained(args.folder).train()
+    opt = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-4)
+    x = torch.from_numpy(pixels)
+    tl = [{"class_labels": torch.as_tensor(t["class_labels"]), "boxes": torch.as_tensor(t["boxes"]).float()}
+          for t in labels]
+
+    def step():
+        opt.zero_grad()
+        loss = reference(pixel_values=x, labels=tl).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1)
+        opt.step()
+
+    step()  # warm-up
+    return step, {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 
 def main(argv=None):
@@ -35,72 +98,70 @@ def main(argv=None):
     ap.add_argument("--preset", default="r18vd")
     ap.add_argument("--size", type=int, default=640)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=3, help="rounds; each runs --block steps per side")
+    ap.add_argument("--block", type=int, default=3, help="consecutive steps per side in a round (at least 2)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "training.json"))
+    ap.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    ap.add_argument("--folder", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.block < 2:
+        ap.error(f"--block {args.block}: at least 2 (the first step of a block follows a pause)")
+    if args.worker:
+        serve_worker(lambda: (jax_worker if args.worker == "jax" else torch_worker)(args))
+        return None
 
-    import jax
-    import torch
-    from transformers import RTDetrV2ForObjectDetection as HF
+    shared = ["--preset", args.preset, "--size", str(args.size), "--batch", str(args.batch),
+              "--folder", scratch_dir("rtdetr-bench-training-")]
+    ours = Worker(__file__, "jax", shared)  # saves the checkpoint and compiles before PyTorch's side starts
+    try:
+        theirs = Worker(__file__, "torch", shared)
+        try:
+            rounds = alternate_blocks(ours, theirs, args.iters, args.block)
+        finally:
+            theirs.close()
+    finally:
+        ours.close()
 
-    from rtdetr_jax.config import RTDetrV2Config
-    from rtdetr_jax.model import RTDetrV2ForObjectDetection
+    def split(side):  # (steady-state step times, after-pause step times)
+        return [t for r in rounds for t in r[side][1:]], [r[side][0] for r in rounds]
 
-    config = RTDetrV2Config.from_preset(args.preset)
-    pixels, labels = synthetic_detection_batch(args.batch, args.size, config.num_labels)
-
-    with tempfile.TemporaryDirectory() as folder:
-        RTDetrV2ForObjectDetection(config).save_pretrained(folder)
-        torch.manual_seed(0)
-        reference = HF.from_pretrained(folder).train()
-        ours = RTDetrV2ForObjectDetection.from_pretrained(folder)
-
-    # PyTorch: forward + loss + backward + AdamW
-    opt = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-4)
-    x = torch.from_numpy(pixels)
-    tl = [{"class_labels": torch.as_tensor(t["class_labels"]), "boxes": torch.as_tensor(t["boxes"]).float()}
-          for t in labels]
-
-    def torch_step():
-        opt.zero_grad()
-        loss = reference(pixel_values=x, labels=tl).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1)
-        opt.step()
-
-    steps, state, batch = our_train_step(ours, pixels, labels)
-    t = time.perf_counter()
-    state, metrics = steps.train_step(state, *batch)
-    jax.block_until_ready(metrics)
-    compile_s = time.perf_counter() - t
-
-    def jax_step():
-        nonlocal state
-        new_state, new_metrics = steps.train_step(state, *batch)
-        jax.block_until_ready(new_metrics)
-        state = new_state
-
-    torch_step()  # warm-up
-    jax_times, torch_times, paired = paired_times(jax_step, torch_step, args.iters)
-
-    tj, tt = statistics.median(jax_times), statistics.median(torch_times)
+    (jax_steady, jax_paused), (torch_steady, torch_paused) = split("jax"), split("torch")
+    tj, tt = statistics.median(jax_steady), statistics.median(torch_steady)
+    pj, pt = statistics.median(jax_paused), statistics.median(torch_paused)
+    paired = statistics.median(statistics.mean(r["torch"][1:]) / statistics.mean(r["jax"][1:]) for r in rounds)
+    compile_s = ours.ready["first_step_s"]
     result = {
-        "machine": machine_info(),
-        "settings": vars(args) | {"out": None},
+        "machine": ours.ready["machine"] | theirs.ready,
+        "settings": vars(args) | {"out": None, "processes": "one per framework"},
         "jax_step_s": tj, "torch_step_s": tt,
         "jax_images_per_s": args.batch / tj, "torch_images_per_s": args.batch / tt,
         "throughput_ratio": tt / tj, "paired_throughput_ratio": paired, "jax_first_step_s": compile_s,
-        "jax_step_times_s": jax_times, "torch_step_times_s": torch_times,
+        "jax_step_after_pause_s": pj, "torch_step_after_pause_s": pt, "after_pause_ratio": pt / pj,
+        "rounds": rounds, "jax_step_faults": ours.faults, "torch_step_faults": theirs.faults,
     }
-    print(f"| {args.preset} batch {args.batch} at {args.size} | rtdetr-jax | transformers (PyTorch) |")
-    print("|---|---|---|")
-    print(f"| step (median of {args.iters}) | {tj:.3f} s | {tt:.3f} s |")
-    print(f"| images/s | {args.batch / tj:.2f} | {args.batch / tt:.2f} |")
-    print(f"| first step (compile) | {compile_s:.1f} s | - |")
-    print(f"throughput ratio (ours / PyTorch): {tt / tj:.2f} from the medians, {paired:.2f} paired (median over "
-          f"rounds of PyTorch's step / ours, the two timed alternately)")
+    n = len(jax_steady)
+    print(f"| {args.preset} batch {args.batch} at {args.size} | rtdetr-jax | transformers (PyTorch) | ratio |")
+    print("|---|---|---|---|")
+    print(f"| step, steady state (median of {n}) | {tj:.3f} s | {tt:.3f} s | {tt / tj:.2f} (paired {paired:.2f}) |")
+    print(f"| images/s, steady state | {args.batch / tj:.2f} | {args.batch / tt:.2f} | |")
+    print(f"| step after a pause (median of {len(rounds)}) | {pj:.3f} s | {pt:.3f} s | {pt / pj:.2f} |")
+    print(f"| first step (compile) | {compile_s:.1f} s | - | |")
+    print("ratio: PyTorch's time / ours (our throughput / PyTorch's); paired: median over rounds of the blocks' "
+          "steady-state means")
+    for side in ("jax", "torch"):
+        print(f"{side} blocks:", " | ".join(", ".join(f"{t:.2f}" for t in r[side]) for r in rounds))
     write_result(args.out, result)
     return result
+
+
+def alternate_blocks(ours, theirs, rounds: int, block: int) -> list[dict]:
+    """`rounds` rounds of `block` consecutive steps per side, the side going first alternating (ours first in
+    even rounds); per round {"jax": [step times], "torch": [step times]}."""
+    out = []
+    for i in range(rounds):
+        order = (("jax", ours), ("torch", theirs)) if i % 2 == 0 else (("torch", theirs), ("jax", ours))
+        out.append({name: [worker.step() for _ in range(block)] for name, worker in order})
+    return out
 
 
 if __name__ == "__main__":

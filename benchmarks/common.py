@@ -101,6 +101,62 @@ def paired_times(fn_a, fn_b, iters: int) -> tuple[list[float], list[float], floa
     return times_a, times_b, statistics.median(b / a for a, b in zip(times_a, times_b))
 
 
+_REPLY = "@@ "  # a worker's protocol lines on stdout start with this; anything else there is passed through
+
+
+class Worker:
+    """One side of a side-by-side benchmark in a process of its own: `python script --worker NAME *args`, whose
+    `serve_worker(setup)` builds the step and answers `step` requests with the step's time, measured in the
+    worker. Each framework then runs without the other's thread pools and allocator in its process."""
+
+    def __init__(self, script: str, name: str, args: list[str]):
+        self.name = name
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(script), "--worker", name, *args],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.ready = self._reply()  # what setup reported (first-step time, machine info)
+        self.faults: list[dict] = []
+
+    def _reply(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(_REPLY):
+                return json.loads(line[len(_REPLY):])
+            sys.stdout.write(line)
+        code = self.proc.wait()
+        raise RuntimeError(f"{self.name} worker exited with status {code} (its stderr is above)")
+
+    def step(self) -> float:
+        """Run one step in the worker; its wall time there, in seconds. The worker's page faults during the
+        step are appended to `self.faults` as {"major": ..., "minor": ...}."""
+        self.proc.stdin.write("step\n")
+        reply = self._reply()
+        self.faults.append({"major": reply["major_faults"], "minor": reply["minor_faults"]})
+        return float(reply["s"])
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait()
+
+
+def serve_worker(setup) -> None:
+    """The worker side of `Worker`: `setup()` returns (step, info); `info` (JSON-able) goes back at once, then
+    each `step` line on stdin runs `step()` and answers its wall time and the page faults it took (major: read
+    back from disk), until stdin closes."""
+    import resource
+
+    step, info = setup()
+    print(_REPLY + json.dumps(info), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "step":
+            before = resource.getrusage(resource.RUSAGE_SELF)
+            t = time.perf_counter()
+            step()
+            s = time.perf_counter() - t
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            print(_REPLY + json.dumps({"s": s, "major_faults": after.ru_majflt - before.ru_majflt,
+                                       "minor_faults": after.ru_minflt - before.ru_minflt}), flush=True)
+
+
 def run_json_child(script: str, args: list[str], env: dict | None = None) -> dict:
     """Run `python script *args` in a fresh process (`env` added to ours) and parse the JSON on its last stdout
     line; a failed child raises RuntimeError carrying the last line of its stderr."""
