@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from rtdetr_jax.modeling.layers import Conv2d
-from rtdetr_jax.ops.conv import WINOGRAD_MIN_CHANNELS, conv2d, conv_algorithm, uses_winograd
+from rtdetr_jax.ops.conv import (WINOGRAD_GRADIENT_MIN_CHANNELS, WINOGRAD_MIN_CHANNELS, conv2d, conv_algorithm,
+                                 uses_winograd, uses_winograd_gradients)
 from rtdetr_jax.ops.strided_conv import plain_conv2d
 from rtdetr_jax.ops.winograd import winograd_conv3x3
 
@@ -29,16 +30,18 @@ def torch_conv3x3(x, kernel, probe):
 
 # (batch, height, width, in, out): even sizes, odd ones (padded to whole tiles and cropped), a single pixel,
 # a single row, an empty batch
+@pytest.mark.parametrize("winograd_gradients", [False, True])
 @pytest.mark.parametrize("shape", [(2, 8, 8, 3, 4), (1, 7, 9, 5, 2), (2, 1, 1, 4, 3), (1, 1, 6, 2, 2),
                                    (1, 5, 4, 6, 7), (0, 4, 4, 2, 3)])
-def test_matches_torch_in_float64(shape):
+def test_matches_torch_in_float64(shape, winograd_gradients):
+    """Output and both gradients, XLA's (direct) or Winograd's, equal torch's up to float64 rounding."""
     n, h, w, cin, cout = shape
     rng = np.random.default_rng(sum(shape))
     x, k, probe = rng.normal(size=(n, h, w, cin)), rng.normal(size=(3, 3, cin, cout)), rng.normal(size=(n, h, w, cout))
     expected = torch_conv3x3(x, k, probe)
     with jax.enable_x64(True):
-        loss = lambda x_, k_: jnp.sum(winograd_conv3x3(x_, k_) * probe)  # noqa: E731
-        y = winograd_conv3x3(jnp.asarray(x), jnp.asarray(k))
+        loss = lambda x_, k_: jnp.sum(winograd_conv3x3(x_, k_, winograd_gradients) * probe)  # noqa: E731
+        y = winograd_conv3x3(jnp.asarray(x), jnp.asarray(k), winograd_gradients)
         dx, dk = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(k))
     for name, got, want in zip(("y", "dx", "dkernel"), (y, dx, dk), expected):
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-10, atol=1e-10, err_msg=name)
@@ -58,6 +61,28 @@ def test_float32_rounding_of_the_order_of_the_direct_convolution():
     winograd = np.abs(np.asarray(winograd_conv3x3(x32, k32)) - truth).max()
     assert winograd <= 1e-5 * np.abs(truth).max(), (winograd, direct)
     assert winograd <= 8 * direct, (winograd, direct)
+
+
+def test_float32_gradients_rounding_of_the_order_of_xlas():
+    """Winograd's float32 input and kernel gradients sit at most a few times further from the float64 gradients
+    than XLA's float32 gradients do."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 20, 20, 128))
+    k = rng.normal(size=(3, 3, 128, 128)) / np.sqrt(9 * 128)
+    probe = rng.normal(size=(2, 20, 20, 128))
+
+    def grads(conv, x_, k_):
+        return jax.grad(lambda a, b: jnp.sum(conv(a, b) * probe.astype(a.dtype)), argnums=(0, 1))(x_, k_)
+
+    with jax.enable_x64(True):
+        truth = [np.asarray(g) for g in grads(lambda a, b: plain_conv2d(a, b, 1, 1), jnp.asarray(x), jnp.asarray(k))]
+    x32, k32 = jnp.asarray(x, jnp.float32), jnp.asarray(k, jnp.float32)
+    xla = grads(lambda a, b: plain_conv2d(a, b, 1, 1), x32, k32)
+    winograd = grads(lambda a, b: winograd_conv3x3(a, b, True), x32, k32)
+    for name, t, d, w in zip(("dx", "dkernel"), truth, xla, winograd):
+        err_direct, err_winograd = np.abs(np.asarray(d) - t).max(), np.abs(np.asarray(w) - t).max()
+        assert err_winograd <= 1e-5 * np.abs(t).max(), (name, err_winograd, err_direct)
+        assert err_winograd <= 8 * err_direct, (name, err_winograd, err_direct)
 
 
 def test_dtype_kept():
@@ -91,6 +116,16 @@ def test_small_convolutions_stay_direct():
     assert uses_winograd((16, 20, 20, 64), (3, 3, 64, 64), jnp.float32, 1, 1) is on_cpu
 
 
+def test_gradients_by_winograd_from_128_channels():
+    assert not uses_winograd_gradients((3, 3, 64, 64))
+    assert not uses_winograd_gradients((3, 3, 64, 256))
+    assert uses_winograd_gradients((3, 3, WINOGRAD_GRADIENT_MIN_CHANNELS, 512))
+    with conv_algorithm("winograd"):
+        assert uses_winograd_gradients((3, 3, 8, 8))
+    with conv_algorithm("direct"):
+        assert not uses_winograd_gradients((3, 3, 512, 512))
+
+
 def test_conv_algorithm_overrides_the_choice_within_its_block():
     big, small = (3, 3, 128, 128), (3, 3, 8, 8)
     with conv_algorithm("direct"):
@@ -106,10 +141,11 @@ def test_conv_algorithm_overrides_the_choice_within_its_block():
             pass
 
 
-@pytest.mark.parametrize("channels", [WINOGRAD_MIN_CHANNELS, 16])
+@pytest.mark.parametrize("channels", [WINOGRAD_GRADIENT_MIN_CHANNELS, WINOGRAD_MIN_CHANNELS, 16])
 def test_conv2d_module_takes_the_chosen_path_with_the_same_results(channels):
-    """The Conv2d module at and below the channel threshold: Winograd (matmuls, no convolution in the graph) or
-    XLA's convolution, and either way the direct convolution's output and gradients to float32 rounding."""
+    """The Conv2d module at and below the channel thresholds: Winograd (matmuls, no convolution in the graph) or
+    XLA's convolution, gradients by Winograd from 128 channels up, and either way the direct convolution's output
+    and gradients to float32 rounding."""
     rng = np.random.default_rng(channels)
     x = jnp.asarray(rng.normal(size=(1, 64, 67, channels)), jnp.float32)  # odd width; 0.31 GFLOP at 64 channels
     module = Conv2d(features=channels, kernel_size=3)
@@ -120,7 +156,10 @@ def test_conv2d_module_takes_the_chosen_path_with_the_same_results(channels):
     assert ("conv_general_dilated" not in graph) is winograd
     np.testing.assert_allclose(np.asarray(module.apply(params, x)), np.asarray(plain_conv2d(x, kernel, 1, 1)),
                                rtol=1e-5, atol=1e-5)
-    got = jax.grad(lambda p, x_: jnp.sum(module.apply(p, x_) ** 2), argnums=(0, 1))(params, x)
+    loss = lambda p, x_: jnp.sum(module.apply(p, x_) ** 2)  # noqa: E731
+    gradient_graph = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(params, x))
+    assert ("conv_general_dilated" not in gradient_graph) is (winograd and channels >= WINOGRAD_GRADIENT_MIN_CHANNELS)
+    got = jax.grad(loss, argnums=(0, 1))(params, x)
     want = jax.grad(lambda k_, x_: jnp.sum(plain_conv2d(x_, k_, 1, 1) ** 2), argnums=(0, 1))(kernel, x)
     scale = float(np.abs(np.asarray(want[0])).max())
     np.testing.assert_allclose(np.asarray(got[0]["params"]["kernel"]), np.asarray(want[0]), rtol=0,

@@ -11,7 +11,8 @@ inside the block, for benchmarks and tests that compare the two in one process. 
 object, so jit a fresh function (a new lambda) inside the block: a function traced before is not traced again.
 
 Where Winograd pays (benchmarks/README.md, "Winograd"): on the 2-core CPU at 64-512 channels, one convolution's
-forward 1.25-1.75x faster than XLA's (gradients stay XLA's: ops/winograd.py says why); at 32 channels (the deep
+forward 1.25-1.75x faster than XLA's, and from 128 channels up both gradients by Winograd too (below 128, XLA's
+gradients; ops/winograd.py says why); at 32 channels (the deep
 stem at 320x320) it was 1.2-2.9x slower. `WINOGRAD_MIN_FLOP` keeps small convolutions direct: at 0.12 GFLOP
 ((1, 20, 20, 128) -> 128, the encoder's last RepVGG blocks) runs disagreed (0.81x to 1.24x, a fraction of a
 millisecond either way), while each Winograd convolution adds some 40 operations for XLA to compile, which the
@@ -33,6 +34,7 @@ from rtdetr_jax.ops.strided_conv import plain_conv2d, strided_conv2d
 from rtdetr_jax.ops.winograd import winograd_conv3x3
 
 WINOGRAD_MIN_CHANNELS = 64
+WINOGRAD_GRADIENT_MIN_CHANNELS = 128  # both gradients by Winograd too (ops/winograd.py, `_winograd_gradients`)
 WINOGRAD_MIN_FLOP = 2.5e8  # of the direct convolution: 2 * 9 * in * out per output pixel
 ALGORITHMS = ("auto", "direct", "winograd")
 _ALGORITHM = contextvars.ContextVar("rtdetr_jax_conv_algorithm", default="auto")
@@ -41,7 +43,7 @@ _ALGORITHM = contextvars.ContextVar("rtdetr_jax_conv_algorithm", default="auto")
 @contextlib.contextmanager
 def conv_algorithm(name: str):
     """Within the block, functions traced use `name` for every 3x3 stride-1 padding-1 convolution: "auto" (the
-    default rule above), "direct" (XLA's convolution) or "winograd" (wherever it applies, any dtype or backend)."""
+    default rule above), "direct" (XLA's convolution) or "winograd" (wherever it applies, any dtype or backend, with Winograd's gradients too)."""
     if name not in ALGORITHMS:
         raise ValueError(f"conv_algorithm {name!r} is not one of {', '.join(ALGORITHMS)}")
     token = _ALGORITHM.set(name)
@@ -64,11 +66,22 @@ def uses_winograd(x_shape, kernel_shape, dtype, stride: int, padding: int) -> bo
             and min(cin, cout) >= WINOGRAD_MIN_CHANNELS and 18 * n * h * w * cin * cout >= WINOGRAD_MIN_FLOP)
 
 
+def uses_winograd_gradients(kernel_shape) -> bool:
+    """For a convolution that `uses_winograd`: whether its gradients are Winograd's too (XLA's otherwise). Under
+    "auto" from `WINOGRAD_GRADIENT_MIN_CHANNELS` channels up, where they were faster per convolution (1.2-2x at
+    40x40 maps and below, about even at (4, 80, 80, 128)); at 64 channels on the large maps XLA's were faster
+    (Winograd's 0.76-0.85x). Under `conv_algorithm("winograd")` always."""
+    choice = _ALGORITHM.get()
+    if choice != "auto":
+        return choice == "winograd"
+    return min(kernel_shape[2], kernel_shape[3]) >= WINOGRAD_GRADIENT_MIN_CHANNELS
+
+
 def conv2d(x, kernel, stride: int = 1, padding: int = 0):
     """`torch.nn.functional.conv2d(x, kernel, stride=stride, padding=padding)` on x (batch, H, W, in) with kernel
     (kh, kw, in, out): symmetric zero padding, no dilation, no groups."""
     if stride > 1:
         return strided_conv2d(x, kernel, stride, padding)
     if uses_winograd(x.shape, kernel.shape, x.dtype, stride, padding):
-        return winograd_conv3x3(x, kernel)
+        return winograd_conv3x3(x, kernel, uses_winograd_gradients(kernel.shape))
     return plain_conv2d(x, kernel, stride, padding)

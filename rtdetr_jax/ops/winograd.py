@@ -72,11 +72,26 @@ def winograd_kernel(kernel):
     return [_kernel_transform(rows[0][a], rows[1][a], rows[2][a]) for a in range(4)]
 
 
-@jax.custom_vjp
-def winograd_conv3x3(x, kernel):
+def _kernel_gradient_transform(u0, u1, u2, u3):
+    """G^T u for one axis: the transpose of `_kernel_transform`, from 4 plane gradients to 3 kernel taps."""
+    return [u0 + 0.5 * (u1 + u2), 0.5 * (u1 - u2), 0.5 * (u1 + u2) + u3]
+
+
+def _output_gradient_transform(d0, d1):
+    """A d for one axis: the transpose of `_output_transform`, from the 2 outputs of a tile to its 4 planes."""
+    return [d0, d0 + d1, d0 - d1, -d1]
+
+
+# Rotating the kernel by 180 degrees reverses G's columns, which is G with rows 0 and 3 swapped: the rotated
+# kernel's planes are the kernel's planes U[FLIP[a]][FLIP[b]].
+FLIP = (3, 1, 2, 0)
+
+
+def winograd_conv3x3(x, kernel, winograd_gradients: bool = False):
     """`conv2d(x, kernel, stride=1, padding=1)` for x (batch, H, W, in) and a (3, 3, in, out) kernel; any H, W
-    (odd sizes are padded by one row or column and cropped back). Gradients: the direct convolution's."""
-    return _winograd_forward(x, kernel)
+    (odd sizes are padded by one row or column and cropped back). Gradients: the direct convolution's (XLA's), or
+    with `winograd_gradients` both by Winograd too (`_winograd_gradients`), which pays from 128 channels up."""
+    return (_conv_winograd_gradients if winograd_gradients else _conv_direct_gradients)(x, kernel)
 
 
 def _forward_with_residuals(x, kernel):
@@ -88,22 +103,71 @@ def _direct_gradients(residuals, dy):
     return jax.vjp(lambda x_, k_: plain_conv2d(x_, k_, 1, 1), x, kernel)[1](dy)
 
 
-winograd_conv3x3.defvjp(_forward_with_residuals, _direct_gradients)
+def _winograd_gradients(residuals, dy):
+    """Both gradients by Winograd, from the saved input and kernel (nothing 4x-sized is kept for the backward):
+
+    - input gradient: the convolution of dy with the kernel rotated 180 degrees and its channels swapped, i.e. the
+      forward algorithm with the kernel's planes permuted (FLIP) and each plane's matmul transposed;
+    - kernel gradient: per plane, (input planes)^T @ (dy's planes, A dy A^T), summed over all tiles by the matmul,
+      then G^T dU G back to the 3x3 taps.
+
+    Measured per convolution against XLA's gradients (benchmarks/README.md, "Winograd convolutions"): both faster
+    from 128 channels up at 40x40 maps and below (1.2-2x), about even at (4, 80, 80, 128), slower at
+    (4, 160, 160, 64) (0.76-0.85x: the transforms' memory traffic)."""
+    x, kernel = residuals
+    n, h, w, cin = x.shape
+    cout = dy.shape[-1]
+    dy = dy.astype(x.dtype)
+    u = winograd_kernel(_after(kernel, dy).astype(x.dtype))
+    dy_planes, th, tw = _input_planes(dy)
+    m = [[jax.lax.dot_general(dy_planes[a][b].reshape(-1, cout), u[FLIP[a]][FLIP[b]], (((1,), (1,)), ((), ())))
+          .reshape(n, th, tw, cin) for b in range(4)] for a in range(4)]
+    dx = _assemble_output(m, h, w)
+    x_planes, _, _ = _input_planes(x)
+    dyp = jnp.pad(dy, ((0, 0), (0, 2 * th - h), (0, 2 * tw - w), (0, 0)))  # whole tiles; the extra outputs get 0
+    d = [[dyp[:, p::2, q::2] for q in range(2)] for p in range(2)]  # d[p][q]: (batch, th, tw, out)
+    rows = [_output_gradient_transform(d[0][q], d[1][q]) for q in range(2)]  # rows[q][a]
+    dm = [_output_gradient_transform(rows[0][a], rows[1][a]) for a in range(4)]  # dm[a][b]
+    du = [[jnp.dot(x_planes[a][b].reshape(-1, cin).T, dm[a][b].reshape(-1, cout)) for b in range(4)]
+          for a in range(4)]  # (in, out) each
+    cols = [_kernel_gradient_transform(*[du[a][b] for a in range(4)]) for b in range(4)]  # cols[b][i]
+    taps = [_kernel_gradient_transform(*[cols[b][i] for b in range(4)]) for i in range(3)]  # taps[i][j]
+    dkernel = jnp.stack([jnp.stack(row) for row in taps]).astype(kernel.dtype)
+    return dx, dkernel
+
+
+_conv_direct_gradients = jax.custom_vjp(lambda x, kernel: _winograd_forward(x, kernel))
+_conv_direct_gradients.defvjp(_forward_with_residuals, _direct_gradients)
+_conv_winograd_gradients = jax.custom_vjp(lambda x, kernel: _winograd_forward(x, kernel))
+_conv_winograd_gradients.defvjp(_forward_with_residuals, _winograd_gradients)
+
+
+def _input_planes(x):
+    """x (batch, H, W, c) -> 4x4 nested list of (batch, th, tw, c) planes B^T d B of its 4x4 tiles (stride 2,
+    zero padding 1, odd sizes padded to whole tiles), with th, tw the tiles per column and row."""
+    n, h, w, c = x.shape
+    th, tw = -(-h // 2), -(-w // 2)  # tiles of 2x2 outputs
+    xp = jnp.pad(x, ((0, 0), (1, 1 + h % 2), (1, 1 + w % 2), (0, 0)))  # (batch, 2*th + 2, 2*tw + 2, c)
+    # tile (t, s) reads padded rows 2t..2t+3 and columns 2s..2s+3
+    rows = _input_transform(*[xp[:, i:i + 2 * th:2] for i in range(4)])  # 4 x (batch, th, 2*tw + 2, c)
+    return [_input_transform(*[r[:, :, j:j + 2 * tw:2] for j in range(4)]) for r in rows], th, tw
+
+
+def _assemble_output(m, h, w):
+    """4x4 nested list of (batch, th, tw, out) products -> (batch, h, w, out): A^T m A per tile, tiles interleaved."""
+    n, th, tw, out = m[0][0].shape
+    cols = [_output_transform(*[m[a][b] for a in range(4)]) for b in range(4)]  # cols[b][p]
+    y = [_output_transform(*[cols[b][p] for b in range(4)]) for p in range(2)]  # y[p][q]: (batch, th, tw, out)
+    y = jnp.stack([jnp.stack(y[p], 3) for p in range(2)], 2)  # (batch, th, 2, tw, 2, out)
+    return y.reshape(n, 2 * th, 2 * tw, out)[:, :h, :w]
 
 
 def _winograd_forward(x, kernel):
     n, h, w, c = x.shape
     out = kernel.shape[-1]
-    th, tw = -(-h // 2), -(-w // 2)  # tiles of 2x2 outputs
-    xp = jnp.pad(x, ((0, 0), (1, 1 + h % 2), (1, 1 + w % 2), (0, 0)))  # (batch, 2*th + 2, 2*tw + 2, in)
-    # tile (t, s) reads padded rows 2t..2t+3 and columns 2s..2s+3
-    rows = _input_transform(*[xp[:, i:i + 2 * th:2] for i in range(4)])  # 4 x (batch, th, 2*tw + 2, in)
-    planes = [_input_transform(*[r[:, :, j:j + 2 * tw:2] for j in range(4)]) for r in rows]  # 4x4 x (batch, th, tw, in)
+    planes, th, tw = _input_planes(x)
     u = winograd_kernel(_after(kernel, x).astype(x.dtype))
     # 16 matmuls over channels, one per plane: (batch * th * tw, in) @ (in, out)
     m = [[jnp.dot(planes[a][b].reshape(-1, c), u[a][b]).reshape(n, th, tw, out) for b in range(4)]
          for a in range(4)]
-    cols = [_output_transform(*[m[a][b] for a in range(4)]) for b in range(4)]  # cols[b][p]
-    y = [_output_transform(*[cols[b][p] for b in range(4)]) for p in range(2)]  # y[p][q]: (batch, th, tw, out)
-    y = jnp.stack([jnp.stack(y[p], 3) for p in range(2)], 2)  # (batch, th, 2, tw, 2, out)
-    return y.reshape(n, 2 * th, 2 * tw, out)[:, :h, :w]
+    return _assemble_output(m, h, w)
