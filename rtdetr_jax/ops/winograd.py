@@ -14,11 +14,12 @@ convolution's forward 1.25-1.75x faster at 64-512 channels and batch 1-8; the r1
 saved FLOPs; `conv2d` (ops/conv.py) decides where it is used. The price is compile time: the r18vd forward
 compiles in ~16 s instead of ~3.3 s all direct (16 planes per convolution, and the ordering in `_after`).
 
-The gradients are XLA's gradients of the direct convolution (a `custom_vjp`; a convolution's gradient does not
-depend on how its forward was computed). Differentiating the planes instead was 1.4-1.8x faster for one
-convolution alone, but in the r18vd batch-4 training step it was slower (7.65 s vs 7.23 s a step, direct
-throughout) and compiled 28 s longer: its residuals are the 4x-sized transformed inputs. This way the step takes
-6.81 s and compiles 5 s longer.
+The gradients come from a `custom_vjp` that saves only the input and the kernel (a convolution's gradient does not
+depend on how its forward was computed): XLA's gradients of the direct convolution, or, from 128 channels up
+(`conv2d` decides), both by Winograd (`_winograd_gradients`), with the planes recomputed in the backward. That
+made the r18vd batch-4 train step 0.94x the time (paired A/B) for a 32 s longer first step. Letting jax
+differentiate the planes instead was 1.4-1.8x faster for one convolution alone, but slower in that step (7.65 s vs
+7.23 s a step, direct throughout) and compiled 28 s longer: its residuals are the 4x-sized transformed inputs.
 
 The 16 planes are kept as separate arrays, not stacked into one (16, tiles, channels) batch: stacked, XLA:CPU
 built the transformed input as one concatenation that ran several times slower than the 16 fused slices-and-adds
