@@ -116,14 +116,12 @@ def _winograd_gradients(residuals, dy):
     from 128 channels up at 40x40 maps and below (1.2-2x), about even at (4, 80, 80, 128), slower at
     (4, 160, 160, 64) (0.76-0.85x: the transforms' memory traffic)."""
     x, kernel = residuals
-    n, h, w, cin = x.shape
+    _, h, w, cin = x.shape
     cout = dy.shape[-1]
     dy = dy.astype(x.dtype)
     u = winograd_kernel(_after(kernel, dy).astype(x.dtype))
     dy_planes, th, tw = _input_planes(dy)
-    m = [[jax.lax.dot_general(dy_planes[a][b].reshape(-1, cout), u[FLIP[a]][FLIP[b]], (((1,), (1,)), ((), ())))
-          .reshape(n, th, tw, cin) for b in range(4)] for a in range(4)]
-    dx = _assemble_output(m, h, w)
+    dx = _assemble_output(_plane_products(dy_planes, u, rotated=True), h, w)
     x_planes, _, _ = _input_planes(x)
     dyp = jnp.pad(dy, ((0, 0), (0, 2 * th - h), (0, 2 * tw - w), (0, 0)))  # whole tiles; the extra outputs get 0
     d = [[dyp[:, p::2, q::2] for q in range(2)] for p in range(2)]  # d[p][q]: (batch, th, tw, out)
@@ -154,6 +152,24 @@ def _input_planes(x):
     return [_input_transform(*[r[:, :, j:j + 2 * tw:2] for j in range(4)]) for r in rows], th, tw
 
 
+def _plane_products(planes, u, rotated: bool = False):
+    """The 16 matmuls over channels, one per plane: (batch * th * tw, in) @ U[a][b] (in, out) for every tile at
+    once. `rotated`: with the kernel rotated 180 degrees and its channels swapped instead (the input gradient),
+    i.e. @ U[FLIP[a]][FLIP[b]]^T, the transpose taken by the matmul. -> 4x4 nested list of (batch, th, tw, ...)."""
+    n, th, tw, c = planes[0][0].shape
+    out = u[0][0].shape[0 if rotated else 1]
+
+    def product(a, b):
+        p = planes[a][b].reshape(-1, c)
+        if rotated:
+            m = jax.lax.dot_general(p, u[FLIP[a]][FLIP[b]], (((1,), (1,)), ((), ())))
+        else:
+            m = jnp.dot(p, u[a][b])
+        return m.reshape(n, th, tw, out)
+
+    return [[product(a, b) for b in range(4)] for a in range(4)]
+
+
 def _assemble_output(m, h, w):
     """4x4 nested list of (batch, th, tw, out) products -> (batch, h, w, out): A^T m A per tile, tiles interleaved."""
     n, th, tw, out = m[0][0].shape
@@ -164,11 +180,6 @@ def _assemble_output(m, h, w):
 
 
 def _winograd_forward(x, kernel):
-    n, h, w, c = x.shape
-    out = kernel.shape[-1]
-    planes, th, tw = _input_planes(x)
+    planes, _, _ = _input_planes(x)
     u = winograd_kernel(_after(kernel, x).astype(x.dtype))
-    # 16 matmuls over channels, one per plane: (batch * th * tw, in) @ (in, out)
-    m = [[jnp.dot(planes[a][b].reshape(-1, c), u[a][b]).reshape(n, th, tw, out) for b in range(4)]
-         for a in range(4)]
-    return _assemble_output(m, h, w)
+    return _assemble_output(_plane_products(planes, u), x.shape[1], x.shape[2])
