@@ -12,14 +12,14 @@ object, so jit a fresh function (a new lambda) inside the block: a function trac
 
 Where Winograd pays (benchmarks/README.md, "Winograd"): on the 2-core CPU at 64-512 channels, one convolution's
 forward 1.25-1.75x faster than XLA's, and from 128 channels up both gradients by Winograd too (below 128, XLA's
-gradients; ops/winograd.py says why); at 32 channels (the deep
-stem at 320x320) it was 1.2-2.9x slower. `WINOGRAD_MIN_FLOP` keeps small convolutions direct: at 0.12 GFLOP
-((1, 20, 20, 128) -> 128, the encoder's last RepVGG blocks) runs disagreed (0.81x to 1.24x, a fraction of a
-millisecond either way), while each Winograd convolution adds some 40 operations for XLA to compile, which the
-narrow test and demo models would pay for nothing; from 0.47 GFLOP up ((1, 40, 40, 128) -> 128,
-(16, 20, 20, 64) -> 64) it won in every run, except (4, 160, 160, 64) -> 64 (training's first stage, 0.91x to
-1.11x across runs). On GPU (cuDNN picks its own algorithms, Winograd among them) and TPU (convolutions run on the
-matrix unit) it is not used, nor in bfloat16/float16, whose rounding the transforms would amplify.
+gradients; ops/winograd.py says why); at 32 channels (the deep stem at 320x320) it was 1.2-2.9x slower.
+`WINOGRAD_MIN_FLOP` keeps small convolutions direct: at 0.12 GFLOP ((1, 20, 20, 128) -> 128, the encoder's last
+RepVGG blocks) runs disagreed (0.81x to 1.24x, a fraction of a millisecond either way), while each Winograd
+convolution adds some 40 operations for XLA to compile, which the narrow test and demo models would pay for
+nothing; from 0.47 GFLOP up ((1, 40, 40, 128) -> 128, (16, 20, 20, 64) -> 64) it won in every run, except
+(4, 160, 160, 64) -> 64 (training's first stage, 0.91x to 1.11x across runs). On GPU (cuDNN picks its own algorithms,
+Winograd among them) and TPU (convolutions run on the matrix unit) it is not used, nor in bfloat16/float16, whose
+rounding the transforms would amplify.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ _ALGORITHM = contextvars.ContextVar("rtdetr_jax_conv_algorithm", default="auto")
 @contextlib.contextmanager
 def conv_algorithm(name: str):
     """Within the block, functions traced use `name` for every 3x3 stride-1 padding-1 convolution: "auto" (the
-    default rule above), "direct" (XLA's convolution) or "winograd" (wherever it applies, any dtype or backend, with Winograd's gradients too)."""
+    default rule above), "direct" (XLA's convolution) or "winograd" (wherever it applies, any dtype or backend,
+    with Winograd's gradients too)."""
     if name not in ALGORITHMS:
         raise ValueError(f"conv_algorithm {name!r} is not one of {', '.join(ALGORITHMS)}")
     token = _ALGORITHM.set(name)
