@@ -29,6 +29,7 @@ from rtdetr_jax.convert.transformers import (
 from rtdetr_jax.host_memory import release_free_heap
 from rtdetr_jax.hub import ModelNotFoundError, resolve_file
 from rtdetr_jax.io_utils import atomic_path
+from rtdetr_jax.jax_caches import drop_tracing_caches
 from rtdetr_jax.modeling.detector import (
     RTDetrV2Detector,
     RTDetrV2ObjectDetectionOutput,
@@ -127,14 +128,16 @@ class RTDetrV2ForObjectDetection:
 
     @staticmethod
     def _run(jitted, *args):
-        """Call a jit function; after it compiled for a new signature, hand the compiler's freed memory back to
-        the system (host_memory.release_free_heap: ~200 MB at r18vd, which glibc would keep resident): once as
-        the call starts running (asynchronously), before its scratch memory adds to the compiler's leftovers, and
-        again once its outputs are ready, for the scratch memory it freed at its end (r18vd batch 1: 60-80 MB).
-        Calls of a compiled signature return at once."""
+        """Call a jit function; after it compiled for a new signature, drop jax's tracing caches, which a compiled
+        signature no longer needs (jax_caches.drop_tracing_caches: ~50 MB at r18vd), and hand the freed memory
+        back to the system (host_memory.release_free_heap: ~200 MB at r18vd, which glibc would keep resident):
+        once as the call starts running (asynchronously), before its scratch memory adds to the compiler's
+        leftovers, and again once its outputs are ready, for the scratch memory it freed at its end (r18vd batch
+        1: 60-80 MB). Calls of a compiled signature return at once."""
         compiled = jitted._cache_size()
         out = jitted(*args)
         if jitted._cache_size() != compiled:
+            drop_tracing_caches()
             release_free_heap()
             jax.block_until_ready(out)
             release_free_heap()
@@ -152,6 +155,7 @@ class RTDetrV2ForObjectDetection:
         flax_file = resolve_file(name_or_path, FLAX_WEIGHTS, revision=revision, required=False)
         if flax_file is not None:
             model = cls(config, load_flax_variables(flax_file, config), dtype=dtype)
+            drop_tracing_caches()  # the shape check's trace of the model's init (~50 MB at r18vd)
             release_free_heap()  # the host copies of the weights
             return model
         weights = resolve_file(name_or_path, SAFE_WEIGHTS, revision=revision, required=False)
@@ -175,6 +179,7 @@ class RTDetrV2ForObjectDetection:
         model.conversion_cache = cache_file
         model.loaded_from_cache = cached
         del variables
+        drop_tracing_caches()  # the shape check's trace of the model's init
         release_free_heap()  # the host copies and the conversion's temporaries
         return model
 

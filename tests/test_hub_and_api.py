@@ -130,23 +130,42 @@ def test_repeated_inference_never_recompiles(tiny_model, images_2x96x128):
 
 
 def test_compiler_memory_released_after_each_new_shape(tiny_model, images_2x96x128, monkeypatch):
-    """After a call that compiled (a new input shape), the model hands the compiler's freed memory back to the
-    system (host_memory.release_free_heap) as the call starts and again once its outputs are ready (its scratch
-    memory freed); calls that reuse a compiled shape do not pay for it, nor wait."""
+    """After a call that compiled (a new input shape), the model drops jax's tracing caches
+    (jax_caches.drop_tracing_caches) and hands the freed memory back to the system (host_memory.release_free_heap)
+    as the call starts, and trims again once its outputs are ready (its scratch memory freed); calls that reuse a
+    compiled shape do not pay for it, nor wait."""
     import rtdetr_jax.model
 
     model, _ = tiny_model
     events = []
+    monkeypatch.setattr(rtdetr_jax.model, "drop_tracing_caches", lambda: events.append("drop") or True)
     monkeypatch.setattr(rtdetr_jax.model, "release_free_heap", lambda: events.append("trim") or True)
     block = jax.block_until_ready
     monkeypatch.setattr(jax, "block_until_ready", lambda x: events.append("wait") or block(x))
     pixels = images_2x96x128[:, :, :32, :64]  # a shape no other test uses, so the first call must compile
     model(pixel_values=pixels)
-    assert events == ["trim", "wait", "trim"]
+    assert events == ["drop", "trim", "wait", "trim"]
     model(pixel_values=pixels * 0.5)
-    assert events == ["trim", "wait", "trim"]
+    assert events == ["drop", "trim", "wait", "trim"]
     model(pixel_values=pixels[:1])
-    assert events == ["trim", "wait", "trim"] * 2
+    assert events == ["drop", "trim", "wait", "trim"] * 2
+
+
+@pytest.mark.parametrize("flax_weights", [False, True])
+def test_loading_releases_host_memory(tiny_model, tmp_path, monkeypatch, flax_weights):
+    """from_pretrained, from transformers' safetensors or from our msgpack, drops jax's tracing caches (its shape
+    check traced the model's init) and then trims the heap (the host copies of the weights)."""
+    import rtdetr_jax.model
+
+    model, folder = tiny_model
+    if flax_weights:
+        model.save_pretrained(tmp_path / "saved")
+        folder = tmp_path / "saved"
+    events = []
+    monkeypatch.setattr(rtdetr_jax.model, "drop_tracing_caches", lambda: events.append("drop") or True)
+    monkeypatch.setattr(rtdetr_jax.model, "release_free_heap", lambda: events.append("trim") or True)
+    RTDetrV2ForObjectDetection.from_pretrained(folder)
+    assert events == ["drop", "trim"]
 
 
 @pytest.mark.parametrize(
