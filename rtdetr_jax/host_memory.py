@@ -37,7 +37,8 @@ glibc keeps the freed pages in its heaps. `release_free_heap()` (glibc's `malloc
 system; the model calls it after each compilation of a new input shape and after loading weights. Measured on
 r18vd at 1x3x640x640 (benchmarks/README.md, "Peak memory"): the resident set after the first forward goes from
 ~670-740 MB to ~520 MB (PyTorch: ~550 MB); `malloc_trim` itself takes well under a millisecond.
-`RTDETR_JAX_MALLOC=off` turns this off too.
+`RTDETR_JAX_MALLOC=off` turns this off too, and the dropping of jax's tracing caches that comes with it
+(rtdetr_jax/jax_caches.py).
 """
 
 from __future__ import annotations
