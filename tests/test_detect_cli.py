@@ -130,6 +130,31 @@ def test_detect_end_to_end(ckpt, images, env, tmp_path):
         assert np.abs(ann - src)[~covered].max() <= 40  # only JPEG re-encoding noise
 
 
+def test_second_detect_loads_the_compiled_forward(ckpt, images, env, tmp_path):
+    """Two `rtdetr-jax detect` runs without JAX_COMPILATION_CACHE_DIR: the first stores the forward under
+    RTDETR_JAX_CACHE/jax_compilation, the second finds it (no second entry for the forward) and detects the same."""
+    from rtdetr_jax.compilation_cache import SUBDIR
+
+    e = {k: v for k, v in env.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    e["RTDETR_JAX_CACHE"] = str(tmp_path / "cache")
+    e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # the tiny model compiles in well under jax's 1 s
+    args = ["detect", str(images / "a.jpg"), "--model", ckpt, "--threshold", "0.2", "--no-progress"]
+    first = run_cli([*args, "--out", str(tmp_path / "one")], e)
+    assert first.returncode == 0, first.stderr
+    folder = tmp_path / "cache" / SUBDIR
+    forward = sorted(n for n in os.listdir(folder) if n.startswith("jit_apply-") and n.endswith("-cache"))
+    assert len(forward) == 1, os.listdir(folder)
+    entry, last_use = folder / forward[0], folder / forward[0].replace("-cache", "-atime")
+    written, used = entry.stat().st_mtime_ns, last_use.read_bytes()
+    second = run_cli([*args, "--out", str(tmp_path / "two")], e)
+    assert second.returncode == 0, second.stderr
+    assert sorted(n for n in os.listdir(folder) if n.startswith("jit_apply-") and n.endswith("-cache")) == forward
+    assert entry.stat().st_mtime_ns == written  # not compiled and stored again ...
+    assert last_use.read_bytes() != used  # ... but read: jax records each use of an entry for its eviction
+    one, two = read_jsonl(tmp_path / "one" / "detections.jsonl"), read_jsonl(tmp_path / "two" / "detections.jsonl")
+    assert [r["detections"] for r in one] == [r["detections"] for r in two]
+
+
 def test_detect_matches_python_api(ckpt, images, tmp_path):
     """The CLI's records equal the transformers-style API: processor -> model -> post_process."""
     from rtdetr_jax import RTDetrImageProcessor, RTDetrV2ForObjectDetection

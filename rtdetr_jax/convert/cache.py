@@ -16,17 +16,18 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 CACHE_ENV = "RTDETR_JAX_CACHE"
 
 
-def cache_root() -> str | None:
-    """The cache folder, or None when disabled."""
-    value = os.environ.get(CACHE_ENV)
+def cache_root(environ: Mapping[str, str] | None = None) -> str | None:
+    """The cache folder, or None when disabled; read from `environ` (default `os.environ`)."""
+    environ = os.environ if environ is None else environ
+    value = environ.get(CACHE_ENV)
     if value is not None:
         return None if value.strip().lower() in ("", "0", "off", "false", "no") else value
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "rtdetr_jax")
 
 
