@@ -6,13 +6,15 @@ functions themselves), the abstract evaluations, and the lowered module. Once th
 entries serve only a later trace of the same functions with the same shapes, which the model never does: its
 compiled executables sit in each jit function's own executable cache (jax's C++ fast path), which a call of a
 compiled shape consults without tracing. For r18vd at 1x3x640x640 the tracing caches held ~50-60 MB after the
-first forward (benchmarks/README.md, "Peak memory"), about the batch-1 excess of our process over PyTorch's.
+first forward (benchmarks/README.md, "jax's tracing caches"), about the batch-1 excess of our process over PyTorch's.
 
-`drop_tracing_caches()` clears them, as `jax.clear_caches()` does, but leaves every compiled executable cache
-alone: no jit function in the process, ours or the user's, compiles again for a signature it has run. What a
+`drop_tracing_caches()` clears them, as `jax.clear_caches()` does, but leaves the jit functions' own executable
+caches alone: a call of a signature that ran, ours or the user's, is served by jax's C++ fast path and neither
+traces nor compiles (tests/test_jax_caches.py). Only a call that jax handles in Python instead (a signature the
+fast path does not hold, e.g. one it evicted) would compile again rather than reuse the Python-side cache. What a
 later trace of a new shape pays is re-tracing the `jnp` helpers instead of finding them cached (the r18vd
-forward's second shape compiled in the same 14-16 s either way), and eager `jnp` operations outside jit compile
-their small kernels once more.
+forward's second shape took 14.5 s and 16.9 s to its first output with the drop, 14.5 s and 15.1 s without:
+within this machine's noise), and eager `jnp` operations outside jit compile their small kernels once more.
 
 jax offers no public call that clears the tracing caches but not the compiled ones, so this uses
 `jax._src.util.clear_all_caches` (the first half of `jax.clear_caches`) where it exists, and does nothing
