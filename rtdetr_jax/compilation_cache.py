@@ -21,6 +21,7 @@ cache at all). Library users (`import rtdetr_jax`) get nothing changed; `jax.con
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 
 from rtdetr_jax.convert.cache import cache_root
@@ -43,10 +44,16 @@ def command_line_cache_dir(environ: Mapping[str, str] | None = None) -> str | No
 
 def enable_for_command_line(environ: Mapping[str, str] | None = None) -> str | None:
     """Point jax's persistent compilation cache at `command_line_cache_dir()`; returns the folder, or None when
-    left alone. Call it before the first compilation."""
+    left alone or when the folder cannot be created (one warning naming it; the command runs uncached). Call it
+    before the first compilation."""
     environ = os.environ if environ is None else environ
     path = command_line_cache_dir(environ)
     if path is None:
+        return None
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        warnings.warn(f"compiled programs are not cached: cannot create {path} ({err.strerror or err})", stacklevel=2)
         return None
     import jax
 

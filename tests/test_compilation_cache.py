@@ -42,3 +42,11 @@ def test_enable_sets_jax_config_and_leaves_user_choices(tmp_path):
         jax.config.update("jax_compilation_cache_dir", before[0])
         jax.config.update("jax_compilation_cache_max_size", before[1])
 
+
+
+def test_folder_that_cannot_be_created_warns_once_and_leaves_jax_alone(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    before = jax.config.jax_compilation_cache_dir
+    with pytest.warns(UserWarning, match=r"^compiled programs are not cached: cannot create .*a_file.*jax_compilation"):
+        assert enable_for_command_line({"RTDETR_JAX_CACHE": str(tmp_path / "a_file")}) is None
+    assert jax.config.jax_compilation_cache_dir == before
