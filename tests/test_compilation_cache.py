@@ -43,7 +43,6 @@ def test_enable_sets_jax_config_and_leaves_user_choices(tmp_path):
         jax.config.update("jax_compilation_cache_max_size", before[1])
 
 
-
 def test_folder_that_cannot_be_created_warns_once_and_leaves_jax_alone(tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
     before = jax.config.jax_compilation_cache_dir
