@@ -155,9 +155,17 @@ class RTDetrV2ForObjectDetection:
         flax_file = resolve_file(name_or_path, FLAX_WEIGHTS, revision=revision, required=False)
         if flax_file is not None:
             model = cls(config, load_flax_variables(flax_file, config), dtype=dtype)
-            drop_tracing_caches()  # the shape check's trace of the model's init (~50 MB at r18vd)
-            release_free_heap()  # the host copies of the weights
-            return model
+        else:
+            model = cls._from_transformers_weights(name_or_path, config, revision, dtype)
+        drop_tracing_caches()  # the shape check's trace of the model's init (~50 MB at r18vd)
+        release_free_heap()  # the host copies of the weights and the conversion's temporaries
+        return model
+
+    @classmethod
+    def _from_transformers_weights(cls, name_or_path, config: RTDetrV2Config, revision: str | None,
+                                   dtype) -> "RTDetrV2ForObjectDetection":
+        """`from_pretrained` for a folder or repo with transformers' safetensors only: converted, or read from the
+        conversion cache."""
         weights = resolve_file(name_or_path, SAFE_WEIGHTS, revision=revision, required=False)
         if weights is None:
             index = resolve_file(name_or_path, SAFE_INDEX, revision=revision, required=False)
@@ -178,9 +186,6 @@ class RTDetrV2ForObjectDetection:
         model = cls(config, variables, dtype=dtype)
         model.conversion_cache = cache_file
         model.loaded_from_cache = cached
-        del variables
-        drop_tracing_caches()  # the shape check's trace of the model's init
-        release_free_heap()  # the host copies and the conversion's temporaries
         return model
 
     def save_pretrained(self, directory: str | os.PathLike, flax_weights: bool = True) -> None:
