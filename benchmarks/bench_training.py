@@ -9,7 +9,7 @@ machine's drifting speed hits both alike, and reports two figures per side:
 - after a pause: the first step of each block, which follows ~10 s in which that process sat idle while the other
   side ran. On the development VM (virtio-balloon free page reporting: memory the guest frees is handed back to
   the host after ~2 s, and faulting it in again costs a host page fault per page) our step pays several seconds
-  there: XLA:CPU frees its 2.95 GB scratch block at the end of every step and maps it afresh at the next, while
+  there: XLA:CPU frees its 3.4 GB scratch block at the end of every step and maps it afresh at the next, while
   PyTorch's smaller buffers stay in glibc's heaps.
 
     python benchmarks/bench_training.py                         # r18vd, batch 4 at 640x640 (the setting)
