@@ -9,13 +9,16 @@ machine's drifting speed hits both alike, and reports two figures per side:
 - after a pause: the first step of each block, which follows ~10 s in which that process sat idle while the other
   side ran. On the development VM (virtio-balloon free page reporting: memory the guest frees is handed back to
   the host after ~2 s, and faulting it in again costs a host page fault per page) our step pays several seconds
-  there: XLA:CPU frees its 3.4 GB scratch block at the end of every step and maps it afresh at the next, while
-  PyTorch's smaller buffers stay in glibc's heaps.
+  there, as kernel time: XLA:CPU frees its 3.4 GB scratch block at the end of every step and maps it afresh at
+  the next (9-10 s of kernel CPU time in such a step, ~0.5 s in a steady one). PyTorch's steps take kernel time
+  too (0.4-3.5 s each), but no more after a pause.
 
     python benchmarks/bench_training.py                         # r18vd, batch 4 at 640x640 (the issue's setting)
     python benchmarks/bench_training.py --size 320 --batch 2    # quicker
 
-Both sides train in float32 with denoising on and the same optimizer settings. Prints a table and writes JSON to
+Both sides train in float32 with denoising on and the same optimizer settings. Prints a table, each side's step
+times block by block and the kernel (system) CPU time of each step, the part that moves with how the step's
+memory is mapped and faulted in, and writes JSON (with each step's page faults and user and kernel CPU time) to
 benchmarks/results/training.json.
 """
 
@@ -137,7 +140,7 @@ def main(argv=None):
         "jax_images_per_s": args.batch / tj, "torch_images_per_s": args.batch / tt,
         "throughput_ratio": tt / tj, "paired_throughput_ratio": paired, "jax_first_step_s": compile_s,
         "jax_step_after_pause_s": pj, "torch_step_after_pause_s": pt, "after_pause_ratio": pt / pj,
-        "rounds": rounds, "jax_step_faults": ours.faults, "torch_step_faults": theirs.faults,
+        "rounds": rounds, "jax_step_usage": ours.usage, "torch_step_usage": theirs.usage,
     }
     n = len(jax_steady)
     print(f"| {args.preset} batch {args.batch} at {args.size} | rtdetr-jax | transformers (PyTorch) | ratio |")
@@ -148,8 +151,11 @@ def main(argv=None):
     print(f"| first step (compile) | {compile_s:.1f} s | - | |")
     print("ratio: PyTorch's time / ours (our throughput / PyTorch's); paired: median over rounds of the blocks' "
           "steady-state means")
-    for side in ("jax", "torch"):
+    for side, worker in (("jax", ours), ("torch", theirs)):
         print(f"{side} blocks:", " | ".join(", ".join(f"{t:.2f}" for t in r[side]) for r in rounds))
+        kernel = [u["kernel_s"] for u in worker.usage]  # in the order of the steps: block by block
+        print(f"{side} kernel CPU s per step:", " | ".join(", ".join(f"{k:.2f}" for k in kernel[i:i + args.block])
+                                                            for i in range(0, len(kernel), args.block)))
     write_result(args.out, result)
     return result
 

@@ -114,7 +114,7 @@ class Worker:
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(script), "--worker", name, *args],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self.ready = self._reply()  # what setup reported (first-step time, machine info)
-        self.faults: list[dict] = []
+        self.usage: list[dict] = []
 
     def _reply(self) -> dict:
         for line in self.proc.stdout:
@@ -125,11 +125,12 @@ class Worker:
         raise RuntimeError(f"{self.name} worker exited with status {code} (its stderr is above)")
 
     def step(self) -> float:
-        """Run one step in the worker; its wall time there, in seconds. The worker's page faults during the
-        step are appended to `self.faults` as {"major": ..., "minor": ...}."""
+        """Run one step in the worker; its wall time there, in seconds. What the worker's process used during
+        the step is appended to `self.usage`: page faults {"major": ..., "minor": ...} and CPU seconds
+        {"user_s": ..., "kernel_s": ...} (kernel: system time, e.g. zeroing the pages it faults in)."""
         self.proc.stdin.write("step\n")
         reply = self._reply()
-        self.faults.append({"major": reply["major_faults"], "minor": reply["minor_faults"]})
+        self.usage.append({key: reply[key] for key in ("major", "minor", "user_s", "kernel_s")})
         return float(reply["s"])
 
     def close(self) -> None:
@@ -140,8 +141,8 @@ class Worker:
 
 def serve_worker(setup) -> None:
     """The worker side of `Worker`: `setup()` returns (step, info); `info` (JSON-able) goes back at once, then
-    each `step` line on stdin runs `step()` and answers its wall time and the page faults it took (major: read
-    back from disk), until stdin closes."""
+    each `step` line on stdin runs `step()` and answers its wall time, the page faults it took (major: read back
+    from disk) and the CPU time its process used, user and kernel, until stdin closes."""
     import resource
 
     step, info = setup()
@@ -153,8 +154,10 @@ def serve_worker(setup) -> None:
             step()
             s = time.perf_counter() - t
             after = resource.getrusage(resource.RUSAGE_SELF)
-            print(_REPLY + json.dumps({"s": s, "major_faults": after.ru_majflt - before.ru_majflt,
-                                       "minor_faults": after.ru_minflt - before.ru_minflt}), flush=True)
+            print(_REPLY + json.dumps({"s": s, "major": after.ru_majflt - before.ru_majflt,
+                                       "minor": after.ru_minflt - before.ru_minflt,
+                                       "user_s": after.ru_utime - before.ru_utime,
+                                       "kernel_s": after.ru_stime - before.ru_stime}), flush=True)
 
 
 def run_json_child(script: str, args: list[str], env: dict | None = None) -> dict:
