@@ -270,16 +270,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> int:
-    """The `rtdetr-jax` console command and `python -m rtdetr_jax`: first re-executes itself once with glibc malloc
-    on transparent huge pages, so that XLA:CPU's per-call scratch memory is faulted in 2 MiB at a time
-    (rtdetr_jax/host_memory.py; the r18vd training step 9-12% faster on the CPU), then turns on jax's persistent
+    """The `rtdetr-jax` console command and `python -m rtdetr_jax`: first re-executes itself once with tcmalloc
+    preloaded where it is installed, else with glibc malloc on transparent huge pages, so that XLA:CPU's per-call
+    scratch memory is kept between calls or at least faulted in 2 MiB at a time (rtdetr_jax/host_memory.py; the
+    r18vd training step 9-12% faster on the CPU with huge pages, ~20% with tcmalloc), then turns on jax's persistent
     compilation cache (rtdetr_jax/compilation_cache.py; a later command's first r18vd forward 14.3 s -> 3.1 s),
     then runs `main`."""
     from rtdetr_jax.compilation_cache import enable_for_command_line
-    from rtdetr_jax.host_memory import reexec_with_hugepage_malloc
+    from rtdetr_jax.host_memory import reexec_with_tuned_malloc
 
     try:
-        reexec_with_hugepage_malloc()
+        reexec_with_tuned_malloc()
     except ValueError as err:  # a bad RTDETR_JAX_MALLOC value
         print(f"rtdetr-jax: error: {err}", file=sys.stderr)
         return 2

@@ -71,6 +71,6 @@ def test_switched_off_keeps_the_caches(monkeypatch):
 
 def test_bad_switch_value_is_one_line_error(monkeypatch):
     monkeypatch.setenv(SWITCH, "maybe")
-    with pytest.raises(ValueError, match=r"^RTDETR_JAX_MALLOC='maybe': use 'on' \(the default\) or 'off'$"):
+    with pytest.raises(ValueError, match=r"^RTDETR_JAX_MALLOC='maybe': use 'on' \(the default\), 'glibc' or 'off'$"):
         drop_tracing_caches()
 
