@@ -15,14 +15,15 @@ import time
 
 
 def start_like_the_cli() -> None:
-    """Re-execute this script once with the malloc setting the `rtdetr-jax` command line starts with (glibc malloc
-    on transparent huge pages: rtdetr_jax/host_memory.py), so that a benchmark measures what the command line
-    gives; `RTDETR_JAX_MALLOC=off` measures without. Both sides of a benchmark share the process, so both get it.
-    Call it first in `__main__`, before jax or torch start any thread."""
-    from rtdetr_jax.host_memory import reexec_with_hugepage_malloc
+    """Re-execute this script once with the malloc the `rtdetr-jax` command line starts with (tcmalloc where it is
+    installed, else glibc malloc on transparent huge pages: rtdetr_jax/host_memory.py), so that a benchmark
+    measures what the command line gives; `RTDETR_JAX_MALLOC=glibc` measures with glibc's, `RTDETR_JAX_MALLOC=off`
+    with glibc's defaults. Both sides of a benchmark get it: they share the process, or their worker processes
+    inherit its environment. Call it first in `__main__`, before jax or torch start any thread."""
+    from rtdetr_jax.host_memory import reexec_with_tuned_malloc
 
     try:
-        reexec_with_hugepage_malloc()
+        reexec_with_tuned_malloc()
     except ValueError as err:  # a bad RTDETR_JAX_MALLOC value
         sys.exit(f"{os.path.basename(sys.argv[0])}: error: {err}")
 
@@ -38,7 +39,8 @@ def machine_info() -> dict:
     import jax
 
     return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "devices": str(jax.devices()), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+            "devices": str(jax.devices()), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+            "ld_preload": os.environ.get("LD_PRELOAD", "")}
 
 
 def synthetic_detection_batch(batch: int, size: int, num_labels: int, seed: int = 0):
@@ -109,10 +111,13 @@ class Worker:
     `serve_worker(setup)` builds the step and answers `step` requests with the step's time, measured in the
     worker. Each framework then runs without the other's thread pools and allocator in its process."""
 
-    def __init__(self, script: str, name: str, args: list[str]):
+    def __init__(self, script: str, name: str, args: list[str], env: dict[str, str | None] | None = None):
+        """`env`: variables to set in the worker's environment (ours otherwise), None to unset one."""
         self.name = name
+        environ = {**os.environ, **(env or {})}
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(script), "--worker", name, *args],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+                                     env={key: value for key, value in environ.items() if value is not None})
         self.ready = self._reply()  # what setup reported (first-step time, machine info)
         self.usage: list[dict] = []
 
