@@ -273,9 +273,9 @@ def entry() -> int:
     """The `rtdetr-jax` console command and `python -m rtdetr_jax`: first re-executes itself once with tcmalloc
     preloaded where it is installed, else with glibc malloc on transparent huge pages, so that XLA:CPU's per-call
     scratch memory is kept between calls or at least faulted in 2 MiB at a time (rtdetr_jax/host_memory.py; the
-    r18vd training step 9-12% faster on the CPU with huge pages, ~20% with tcmalloc), then turns on jax's persistent
-    compilation cache (rtdetr_jax/compilation_cache.py; a later command's first r18vd forward 14.3 s -> 3.1 s),
-    then runs `main`."""
+    r18vd training step 9-12% faster on the CPU with huge pages; with tcmalloc no slow step after a pause, the
+    demo 11% faster), then turns on jax's persistent compilation cache (rtdetr_jax/compilation_cache.py; a later
+    command's first r18vd forward 14.3 s -> 3.1 s), then runs `main`."""
     from rtdetr_jax.compilation_cache import enable_for_command_line
     from rtdetr_jax.host_memory import reexec_with_tuned_malloc
 

@@ -8,12 +8,14 @@ returned by `munmap` when freed (whatever `mallopt` says: a thread arena cannot 
 page-faults its whole scratch block in again and the kernel zeroes it: 730,000-760,000 page faults and 3-4 s of
 kernel time per r18vd training step on the 2-core development machine with 4 KiB pages.
 
-tcmalloc (gperftools' `libtcmalloc_minimal.so.4`; Debian/Ubuntu package `libtcmalloc-minimal4`) keeps freed
-spans in its page heap and hands them out again, returning them to the system only now and then, so a call's
-scratch block is mostly faulted in once per process, not once per call. Measured on that machine
-(benchmarks/README.md, "Host memory"), against glibc with huge pages (below): kernel time per r18vd training
-step 1.7-2.6 s -> 0.01-0.06 s, the step 7.7-9.3 s -> 6.6-7.3 s, no slow step after a pause; the demo 4 min 23 s
--> 3 min 53 s with a lower peak (3.05 -> 2.61 GB). It must be preloaded (`LD_PRELOAD`) before the process starts.
+tcmalloc (gperftools' `libtcmalloc_minimal.so.4`; Debian/Ubuntu package `libtcmalloc-minimal4`) keeps freed spans
+in its page heap and hands them out again, returning them to the system only now and then, so a call's scratch
+block is mostly faulted in once per process, not once per call. Measured on that machine (benchmarks/README.md,
+"Host memory"), r18vd training step, against glibc with huge pages (below): kernel time per step 0.9 s -> 0.02 s,
+peak memory 6.6 -> 4.8 GB, steady-state steps the same within noise (paired, tcmalloc's 1.04x glibc's time), and no
+penalty on a step after a pause (11.6-12.8 s with glibc, 5.7-6.7 s with tcmalloc, on a VM that hands freed memory
+back to its host); the demo 4 min 23-25 s -> 3 min 53-58 s (kernel time 39-40 s -> 9-10 s), peak 3.05-3.10 ->
+2.28-2.61 GB (two runs each). It must be preloaded (`LD_PRELOAD`) before the process starts.
 
 Without tcmalloc, the glibc tunable
 
