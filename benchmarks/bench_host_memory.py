@@ -8,15 +8,15 @@ kernel (system) CPU time and resident memory (rtdetr_jax/host_memory.py says why
 Settings: glibc's defaults; `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (what the `rtdetr-jax` command line starts
 with where tcmalloc is not installed); one malloc arena with no mmap and no trimming (measured, not used); tcmalloc
 by `LD_PRELOAD` (what the command line starts with where it is installed; the row is left out where it is not).
-These run one after the other, so the machine's drifting speed lands in their differences.
+The first step (compilation) is reported apart; the table gives medians over the steps after it. Prints a table
+and writes JSON to benchmarks/results/host_memory.json. The settings run one after the other, so the machine's
+drifting speed lands in their differences.
 
 `--paired` times the command line's two choices against each other instead, glibc with huge pages and tcmalloc,
 each in a worker process of its own (bench_training.py's), alternating blocks of `--block` consecutive steps for
 `--rounds` rounds as bench_training.py does; it reports the steady-state steps (those after the first of a
 block) and the median over rounds of the ratio of the blocks' means, and writes
-benchmarks/results/host_memory_paired.json. The first step (compilation) is
-reported apart; the table gives medians over the steps after it. Prints a table and writes JSON to
-benchmarks/results/host_memory.json.
+benchmarks/results/host_memory_paired.json.
 """
 
 from __future__ import annotations
