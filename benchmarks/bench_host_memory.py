@@ -1,5 +1,5 @@
-"""Our training step under three glibc malloc settings, each in a fresh process: per-step time, minor page faults,
-kernel (system) CPU time and resident memory (rtdetr_jax/host_memory.py says why these differ).
+"""Our training step under three glibc malloc settings and tcmalloc, each in a fresh process: per-step time, minor
+page faults, kernel (system) CPU time and resident memory (rtdetr_jax/host_memory.py says why these differ).
 
     python benchmarks/bench_host_memory.py                      # r18vd, batch 4 at 640x640, 6 steps each
     python benchmarks/bench_host_memory.py --size 320 --steps 4  # quicker
