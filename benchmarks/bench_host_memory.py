@@ -128,7 +128,7 @@ def main(argv=None):
 
 def paired(args) -> dict:
     """glibc with huge pages against tcmalloc, our training step in a worker process each, alternating blocks."""
-    from bench_training import alternate_blocks
+    from bench_training import alternate_blocks, paired_ratio, steady_state
 
     tcmalloc = find_tcmalloc()
     if tcmalloc is None:
@@ -151,10 +151,10 @@ def paired(args) -> dict:
     finally:
         first.close()
 
-    steady = {side: [t for r in rounds for t in r[side][1:]] for side in ("glibc", "tcmalloc")}
+    steady = {side: steady_state(rounds, side) for side in ("glibc", "tcmalloc")}
     kernel = {side: [u["kernel_s"] for i, u in enumerate(worker.usage) if i % args.block]
               for side, worker in (("glibc", first), ("tcmalloc", second))}
-    ratio = statistics.median(statistics.mean(r["glibc"][1:]) / statistics.mean(r["tcmalloc"][1:]) for r in rounds)
+    ratio = paired_ratio(rounds, "glibc", "tcmalloc")
     print(f"| {args.preset} batch {args.batch} at {args.size}, our step, steady state (median of "
           f"{len(steady['glibc'])}) | step | kernel time / step |")
     print("|---|---|---|")

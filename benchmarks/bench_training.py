@@ -125,13 +125,11 @@ def main(argv=None):
     finally:
         ours.close()
 
-    def split(side):  # (steady-state step times, after-pause step times)
-        return [t for r in rounds for t in r[side][1:]], [r[side][0] for r in rounds]
-
-    (jax_steady, jax_paused), (torch_steady, torch_paused) = split("jax"), split("torch")
+    jax_steady, torch_steady = steady_state(rounds, "jax"), steady_state(rounds, "torch")
+    jax_paused, torch_paused = [r["jax"][0] for r in rounds], [r["torch"][0] for r in rounds]
     tj, tt = statistics.median(jax_steady), statistics.median(torch_steady)
     pj, pt = statistics.median(jax_paused), statistics.median(torch_paused)
-    paired = statistics.median(statistics.mean(r["torch"][1:]) / statistics.mean(r["jax"][1:]) for r in rounds)
+    paired = paired_ratio(rounds, "torch", "jax")
     compile_s = ours.ready["first_step_s"]
     result = {
         "machine": ours.ready["machine"] | theirs.ready,
@@ -158,6 +156,16 @@ def main(argv=None):
                                                             for i in range(0, len(kernel), args.block)))
     write_result(args.out, result)
     return result
+
+
+def steady_state(rounds: list[dict], side: str) -> list[float]:
+    """`side`'s steady-state step times: every step of a block but its first (which follows a pause)."""
+    return [t for r in rounds for t in r[side][1:]]
+
+
+def paired_ratio(rounds: list[dict], numerator: str, denominator: str) -> float:
+    """Median over rounds of the ratio of the two sides' steady-state block means (numerator's / denominator's)."""
+    return statistics.median(statistics.mean(r[numerator][1:]) / statistics.mean(r[denominator][1:]) for r in rounds)
 
 
 def alternate_blocks(ours, theirs, rounds: int, block: int) -> list[dict]:
