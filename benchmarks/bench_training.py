@@ -40,6 +40,7 @@ from common import (  # noqa: E402
     serve_worker,
     start_like_the_cli,
     synthetic_detection_batch,
+    torch_train_step,
     write_result,
 )
 
@@ -72,26 +73,12 @@ def jax_worker(args):
 def torch_worker(args):
     """transformers' model from the checkpoint the jax worker saved; one warm-up step."""
     import torch
-    from transformers import RTDetrV2ForObjectDetection as HF
 
     from rtdetr_jax.config import RTDetrV2Config
 
     config = RTDetrV2Config.from_preset(args.preset)
     pixels, labels = synthetic_detection_batch(args.batch, args.size, config.num_labels)
-    torch.manual_seed(0)
-    reference = HF.from_pretrained(args.folder).train()
-    opt = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-4)
-    x = torch.from_numpy(pixels)
-    tl = [{"class_labels": torch.as_tensor(t["class_labels"]), "boxes": torch.as_tensor(t["boxes"]).float()}
-          for t in labels]
-
-    def step():
-        opt.zero_grad()
-        loss = reference(pixel_values=x, labels=tl).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1)
-        opt.step()
-
+    _, _, _, step = torch_train_step(args.folder, pixels, labels)
     step()  # warm-up
     return step, {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 

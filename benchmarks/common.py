@@ -72,6 +72,29 @@ def our_train_step(model, pixels, labels):
     return steps, state, steps.shard_batch((pixels, pad_targets(labels, 16)))
 
 
+def torch_train_step(folder: str, pixels, labels):
+    """transformers' PyTorch training step as every benchmark runs it, on the checkpoint in `folder` in train mode:
+    forward with the labels, backward, gradient clipping at 0.1, AdamW (lr 1e-4, weight decay 1e-4).
+    Returns (reference, x, targets, step): the model, the pixels and targets as torch tensors, and `step()`."""
+    import torch
+    from transformers import RTDetrV2ForObjectDetection as HF
+
+    torch.manual_seed(0)
+    reference = HF.from_pretrained(folder).train()
+    opt = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-4)
+    x = torch.from_numpy(pixels)
+    targets = [{"class_labels": torch.as_tensor(t["class_labels"]), "boxes": torch.as_tensor(t["boxes"]).float()}
+               for t in labels]
+
+    def step():
+        opt.zero_grad()
+        reference(pixel_values=x, labels=targets).loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1)
+        opt.step()
+
+    return reference, x, targets, step
+
+
 def write_result(path: str, result: dict) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as fh:

@@ -31,6 +31,7 @@ from common import (  # noqa: E402
     scratch_dir,
     start_like_the_cli,
     synthetic_detection_batch,
+    torch_train_step,
     write_result,
 )
 
@@ -118,20 +119,14 @@ def jax_side(args) -> dict:
 
 def torch_side(args) -> dict:
     import torch
-    from transformers import RTDetrV2ForObjectDetection as HF
 
     from rtdetr_jax.config import RTDetrV2Config
 
     config = RTDetrV2Config.from_preset(args.preset)
     pixels, labels = synthetic_detection_batch(args.batch, args.size, config.num_labels)
-    torch.manual_seed(0)
-    reference = HF.from_pretrained(args.folder).train()
+    reference, x, targets, step = torch_train_step(args.folder, pixels, labels)
     m = reference.model
-    opt = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-4)
-    x = torch.from_numpy(pixels)
     mask = torch.ones_like(x[:, 0], dtype=torch.long)
-    tl = [{"class_labels": torch.as_tensor(t["class_labels"]), "boxes": torch.as_tensor(t["boxes"]).float()}
-          for t in labels]
 
     def backbone_maps():
         return [f for f, _ in m.backbone(x, mask)]
@@ -154,13 +149,7 @@ def torch_side(args) -> dict:
 
     def loss():
         reference.zero_grad(set_to_none=True)
-        reference(pixel_values=x, labels=tl).loss.backward()
-
-    def step():
-        opt.zero_grad()
-        reference(pixel_values=x, labels=tl).loss.backward()
-        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1)
-        opt.step()
+        reference(pixel_values=x, labels=targets).loss.backward()
 
     fns = {"backbone": projected(backbone_maps), "encoder": projected(encoder_maps), "loss": loss, "step": step}
     return interleaved_medians(fns, args.iters)
