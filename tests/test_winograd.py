@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from rtdetr_jax.modeling.layers import Conv2d
-from rtdetr_jax.ops.conv import (WINOGRAD_GRADIENT_MIN_CHANNELS, WINOGRAD_MIN_CHANNELS, conv2d, conv_algorithm,
-                                 uses_winograd, uses_winograd_gradients)
+from rtdetr_jax.ops.conv import (WINOGRAD_GRADIENT_MIN_CHANNELS, WINOGRAD_KERNEL_GRADIENT_MIN_CHANNELS,
+                                 WINOGRAD_MIN_CHANNELS, conv2d, conv_algorithm, gradient_algorithms,
+                                 uses_stacked_kernel_gradient, uses_winograd)
 from rtdetr_jax.ops.strided_conv import plain_conv2d
 from rtdetr_jax.ops.winograd import winograd_conv3x3
 
@@ -30,18 +31,20 @@ def torch_conv3x3(x, kernel, probe):
 
 # (batch, height, width, in, out): even sizes, odd ones (padded to whole tiles and cropped), a single pixel,
 # a single row, an empty batch
-@pytest.mark.parametrize("winograd_gradients", [False, True])
+@pytest.mark.parametrize("gradients", [("xla", "xla"), ("xla", "stacked"), ("winograd", "stacked"),
+                                       ("winograd", "winograd")])
 @pytest.mark.parametrize("shape", [(2, 8, 8, 3, 4), (1, 7, 9, 5, 2), (2, 1, 1, 4, 3), (1, 1, 6, 2, 2),
                                    (1, 5, 4, 6, 7), (0, 4, 4, 2, 3)])
-def test_matches_torch_in_float64(shape, winograd_gradients):
-    """Output and both gradients, XLA's (direct) or Winograd's, equal torch's up to float64 rounding."""
+def test_matches_torch_in_float64(shape, gradients):
+    """Output and both gradients, each XLA's (direct), stacked (kernel) or Winograd's, equal torch's up to float64
+    rounding."""
     n, h, w, cin, cout = shape
     rng = np.random.default_rng(sum(shape))
     x, k, probe = rng.normal(size=(n, h, w, cin)), rng.normal(size=(3, 3, cin, cout)), rng.normal(size=(n, h, w, cout))
     expected = torch_conv3x3(x, k, probe)
     with jax.enable_x64(True):
-        loss = lambda x_, k_: jnp.sum(winograd_conv3x3(x_, k_, winograd_gradients) * probe)  # noqa: E731
-        y = winograd_conv3x3(jnp.asarray(x), jnp.asarray(k), winograd_gradients)
+        loss = lambda x_, k_: jnp.sum(winograd_conv3x3(x_, k_, *gradients) * probe)  # noqa: E731
+        y = winograd_conv3x3(jnp.asarray(x), jnp.asarray(k), *gradients)
         dx, dk = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(k))
     for name, got, want in zip(("y", "dx", "dkernel"), (y, dx, dk), expected):
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-10, atol=1e-10, err_msg=name)
@@ -78,7 +81,7 @@ def test_float32_gradients_rounding_of_the_order_of_xlas():
         truth = [np.asarray(g) for g in grads(lambda a, b: plain_conv2d(a, b, 1, 1), jnp.asarray(x), jnp.asarray(k))]
     x32, k32 = jnp.asarray(x, jnp.float32), jnp.asarray(k, jnp.float32)
     xla = grads(lambda a, b: plain_conv2d(a, b, 1, 1), x32, k32)
-    winograd = grads(lambda a, b: winograd_conv3x3(a, b, True), x32, k32)
+    winograd = grads(lambda a, b: winograd_conv3x3(a, b, "winograd", "winograd"), x32, k32)
     for name, t, d, w in zip(("dx", "dkernel"), truth, xla, winograd):
         err_direct, err_winograd = np.abs(np.asarray(d) - t).max(), np.abs(np.asarray(w) - t).max()
         assert err_winograd <= 1e-5 * np.abs(t).max(), (name, err_winograd, err_direct)
@@ -116,14 +119,46 @@ def test_small_convolutions_stay_direct():
     assert uses_winograd((16, 20, 20, 64), (3, 3, 64, 64), jnp.float32, 1, 1) is on_cpu
 
 
-def test_gradients_by_winograd_from_128_channels():
-    assert not uses_winograd_gradients((3, 3, 64, 64))
-    assert not uses_winograd_gradients((3, 3, 64, 256))
-    assert uses_winograd_gradients((3, 3, WINOGRAD_GRADIENT_MIN_CHANNELS, 512))
+def test_gradient_choice():
+    """Winograd's input gradient from 128 channels, its kernel gradient from 256; below, the stacked kernel
+    gradient on the CPU at batch >= 2, XLA's at batch 1."""
+    on_cpu = jax.default_backend() == "cpu"
+    stacked = "stacked" if on_cpu else "xla"
+    assert gradient_algorithms((4, 80, 80, 64), (3, 3, 64, 64)) == ("xla", stacked)
+    assert gradient_algorithms((4, 80, 80, 64), (3, 3, 64, 256)) == ("xla", stacked)
+    assert gradient_algorithms((4, 80, 80, 128), (3, 3, WINOGRAD_GRADIENT_MIN_CHANNELS, 512)) == ("winograd", stacked)
+    assert gradient_algorithms((1, 80, 80, 128), (3, 3, 128, 128)) == ("winograd", "xla")
+    channels = WINOGRAD_KERNEL_GRADIENT_MIN_CHANNELS
+    assert gradient_algorithms((4, 20, 20, channels), (3, 3, channels, 512)) == ("winograd", "winograd")
     with conv_algorithm("winograd"):
-        assert uses_winograd_gradients((3, 3, 8, 8))
+        assert gradient_algorithms((4, 8, 8, 8), (3, 3, 8, 8)) == ("winograd", "winograd")
+
+
+def test_where_the_stacked_kernel_gradient_is_used():
+    on_cpu = jax.default_backend() == "cpu"
+    assert uses_stacked_kernel_gradient((4, 320, 320, 32), (3, 3, 32, 32), 1) is on_cpu
+    assert uses_stacked_kernel_gradient((2, 8, 8, 3), (5, 5, 3, 4), 1) is on_cpu
+    assert not uses_stacked_kernel_gradient((1, 320, 320, 32), (3, 3, 32, 32), 1)  # batch 1: XLA's is the same
+    assert not uses_stacked_kernel_gradient((4, 80, 80, 512), (1, 1, 512, 128), 1)  # 1x1: XLA's was faster
+    assert not uses_stacked_kernel_gradient((4, 80, 80, 64), (3, 3, 64, 128), 2)  # strided: ops/strided_conv.py
     with conv_algorithm("direct"):
-        assert not uses_winograd_gradients((3, 3, 512, 512))
+        assert not uses_stacked_kernel_gradient((4, 320, 320, 32), (3, 3, 32, 32), 1)
+
+
+def test_conv2d_batches_take_the_stacked_kernel_gradient_with_the_same_results():
+    """A 3x3 stride-1 convolution below Winograd's threshold at batch 3: its kernel gradient runs over the three
+    images stacked into one (on the CPU), with the same gradients as XLA's to float32 rounding."""
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.normal(size=(3, 9, 10, 8)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(3, 3, 8, 6)), jnp.float32)
+    probe = jnp.asarray(rng.normal(size=(3, 9, 10, 6)), jnp.float32)
+    got = jax.grad(lambda a, b: jnp.sum(conv2d(a, b, 1, 1) * probe), argnums=(0, 1))(x, k)
+    want = jax.grad(lambda a, b: jnp.sum(plain_conv2d(a, b, 1, 1) * probe), argnums=(0, 1))(x, k)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+    graph = str(jax.make_jaxpr(jax.grad(lambda b: jnp.sum(conv2d(x, b, 1, 1) * probe)))(k))
+    # the three padded 11 x 12 images as one of 33 rows
+    assert ("f32[1,33,12,8]" in graph) is (jax.default_backend() == "cpu")
 
 
 def test_conv_algorithm_overrides_the_choice_within_its_block():
@@ -141,11 +176,12 @@ def test_conv_algorithm_overrides_the_choice_within_its_block():
             pass
 
 
-@pytest.mark.parametrize("channels", [WINOGRAD_GRADIENT_MIN_CHANNELS, WINOGRAD_MIN_CHANNELS, 16])
+@pytest.mark.parametrize("channels", [WINOGRAD_KERNEL_GRADIENT_MIN_CHANNELS, WINOGRAD_GRADIENT_MIN_CHANNELS,
+                                      WINOGRAD_MIN_CHANNELS, 16])
 def test_conv2d_module_takes_the_chosen_path_with_the_same_results(channels):
     """The Conv2d module at and below the channel thresholds: Winograd (matmuls, no convolution in the graph) or
-    XLA's convolution, gradients by Winograd from 128 channels up, and either way the direct convolution's output
-    and gradients to float32 rounding."""
+    XLA's convolution, both gradients by Winograd from 256 channels up (no convolution in the gradient's graph),
+    and either way the direct convolution's output and gradients to float32 rounding."""
     rng = np.random.default_rng(channels)
     x = jnp.asarray(rng.normal(size=(1, 64, 67, channels)), jnp.float32)  # odd width; 0.31 GFLOP at 64 channels
     module = Conv2d(features=channels, kernel_size=3)
@@ -158,7 +194,8 @@ def test_conv2d_module_takes_the_chosen_path_with_the_same_results(channels):
                                rtol=1e-5, atol=1e-5)
     loss = lambda p, x_: jnp.sum(module.apply(p, x_) ** 2)  # noqa: E731
     gradient_graph = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(params, x))
-    assert ("conv_general_dilated" not in gradient_graph) is (winograd and channels >= WINOGRAD_GRADIENT_MIN_CHANNELS)
+    all_winograd = winograd and channels >= WINOGRAD_KERNEL_GRADIENT_MIN_CHANNELS
+    assert ("conv_general_dilated" not in gradient_graph) is all_winograd
     got = jax.grad(loss, argnums=(0, 1))(params, x)
     want = jax.grad(lambda k_, x_: jnp.sum(plain_conv2d(x_, k_, 1, 1) ** 2), argnums=(0, 1))(kernel, x)
     scale = float(np.abs(np.asarray(want[0])).max())
@@ -214,3 +251,11 @@ def test_non_finite_input_stays_local():
     direct = np.asarray(plain_conv2d(jnp.asarray(x), jnp.asarray(k), 1, 1))
     assert np.isnan(y[0, :2, :2]).all() and np.isfinite(y[0, 2:]).all()
     np.testing.assert_allclose(y[0, 2:], direct[0, 2:])
+
+
+def test_unknown_gradient_algorithms_are_refused():
+    x, k = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))
+    with pytest.raises(ValueError, match="^input_gradient 'fft' is not one of xla, winograd$"):
+        winograd_conv3x3(x, k, "fft")
+    with pytest.raises(ValueError, match="^kernel_gradient 'stacked2' is not one of xla, stacked, winograd$"):
+        winograd_conv3x3(x, k, "xla", "stacked2")

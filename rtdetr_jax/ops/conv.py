@@ -5,14 +5,21 @@
   `WINOGRAD_MIN_FLOP` of work: Winograd's F(2x2, 3x3) (ops/winograd.py), 2.25x fewer multiplications;
 - anything else: XLA's convolution.
 
+Stride-1 convolutions on the CPU with a kernel larger than 1x1 and a batch of 2 or more take their kernel gradient
+over the batch stacked into one tall image (ops/kernel_gradient.py), which spares XLA:CPU's transposes into
+batch-innermost layout, unless Winograd's kernel gradient is used (from `WINOGRAD_KERNEL_GRADIENT_MIN_CHANNELS`).
+In the r18vd batch-4 training step at 640: paired 0.965 of the time (8 rounds, benchmarks/README.md). 1x1
+convolutions keep XLA's: stacked, they were 6-11% slower alone.
+
 The choice is made when the function is traced (shapes, dtype and backend are static), so one compiled graph
 holds one algorithm per layer. `conv_algorithm("direct")` (or "winograd") overrides it for the functions traced
 inside the block, for benchmarks and tests that compare the two in one process. jax caches a trace per function
 object, so jit a fresh function (a new lambda) inside the block: a function traced before is not traced again.
 
 Where Winograd pays (benchmarks/README.md, "Winograd"): on the 2-core CPU at 64-512 channels, one convolution's
-forward 1.25-1.75x faster than XLA's, and from 128 channels up both gradients by Winograd too (below 128, XLA's
-gradients; ops/winograd.py says why); at 32 channels (the deep stem at 320x320) it was 1.2-2.9x slower.
+forward 1.25-1.75x faster than XLA's, and from 128 channels up the input gradient by Winograd too, from 256 the
+kernel gradient (`gradient_algorithms`; ops/winograd.py says why); at 32 channels (the deep stem at 320x320) it
+was 1.2-2.9x slower.
 `WINOGRAD_MIN_FLOP` keeps small convolutions direct: at 0.12 GFLOP ((1, 20, 20, 128) -> 128, the encoder's last
 RepVGG blocks) runs disagreed (0.81x to 1.24x, a fraction of a millisecond either way), while each Winograd
 convolution adds some 40 operations for XLA to compile, which the narrow test and demo models would pay for
@@ -30,11 +37,13 @@ import contextvars
 import jax
 import jax.numpy as jnp
 
+from rtdetr_jax.ops.kernel_gradient import conv2d_stacked_kernel_gradient
 from rtdetr_jax.ops.strided_conv import plain_conv2d, strided_conv2d
 from rtdetr_jax.ops.winograd import winograd_conv3x3
 
 WINOGRAD_MIN_CHANNELS = 64
-WINOGRAD_GRADIENT_MIN_CHANNELS = 128  # both gradients by Winograd too (ops/winograd.py, `_winograd_gradients`)
+WINOGRAD_GRADIENT_MIN_CHANNELS = 128  # the input gradient by Winograd too (ops/winograd.py)
+WINOGRAD_KERNEL_GRADIENT_MIN_CHANNELS = 256  # and the kernel gradient; below, the stacked one (ops/kernel_gradient.py)
 WINOGRAD_MIN_FLOP = 2.5e8  # of the direct convolution: 2 * 9 * in * out per output pixel
 ALGORITHMS = ("auto", "direct", "winograd")
 _ALGORITHM = contextvars.ContextVar("rtdetr_jax_conv_algorithm", default="auto")
@@ -67,15 +76,28 @@ def uses_winograd(x_shape, kernel_shape, dtype, stride: int, padding: int) -> bo
             and min(cin, cout) >= WINOGRAD_MIN_CHANNELS and 18 * n * h * w * cin * cout >= WINOGRAD_MIN_FLOP)
 
 
-def uses_winograd_gradients(kernel_shape) -> bool:
-    """For a convolution that `uses_winograd`: whether its gradients are Winograd's too (XLA's otherwise). Under
-    "auto" from `WINOGRAD_GRADIENT_MIN_CHANNELS` channels up, where they were faster per convolution (1.2-2x at
-    40x40 maps and below, about even at (4, 80, 80, 128)); at 64 channels on the large maps XLA's were faster
-    (Winograd's 0.76-0.85x). Under `conv_algorithm("winograd")` always."""
-    choice = _ALGORITHM.get()
-    if choice != "auto":
-        return choice == "winograd"
-    return min(kernel_shape[2], kernel_shape[3]) >= WINOGRAD_GRADIENT_MIN_CHANNELS
+def uses_stacked_kernel_gradient(x_shape, kernel_shape, stride: int) -> bool:
+    """Whether a convolution's kernel gradient is taken over the batch stacked into one image
+    (ops/kernel_gradient.py): under "auto", on the CPU, at stride 1, for kernels larger than 1x1 and a batch of 2
+    or more (at batch 1 it is XLA's own computation)."""
+    return (_ALGORITHM.get() == "auto" and jax.default_backend() == "cpu" and stride == 1
+            and tuple(kernel_shape[:2]) != (1, 1) and x_shape[0] >= 2)
+
+
+def gradient_algorithms(x_shape, kernel_shape) -> tuple[str, str]:
+    """For a convolution that `uses_winograd`: (input gradient, kernel gradient) as `winograd_conv3x3` takes them.
+    Under "auto": Winograd's input gradient from `WINOGRAD_GRADIENT_MIN_CHANNELS` channels up (faster per
+    convolution: 1.2-2x at 40x40 maps and below, about even at (4, 80, 80, 128); at 64 channels on the large maps
+    XLA's was faster), Winograd's kernel gradient from `WINOGRAD_KERNEL_GRADIENT_MIN_CHANNELS` up (at
+    (4, 20, 20, 512) 38 ms against the stacked one's 71 ms; at (4, 80, 80, 128) 110 vs 85 ms), the stacked one
+    below where `uses_stacked_kernel_gradient`, else XLA's. Under `conv_algorithm("winograd")` both Winograd's."""
+    if _ALGORITHM.get() == "winograd":
+        return "winograd", "winograd"
+    channels = min(kernel_shape[2], kernel_shape[3])
+    input_gradient = "winograd" if channels >= WINOGRAD_GRADIENT_MIN_CHANNELS else "xla"
+    if channels >= WINOGRAD_KERNEL_GRADIENT_MIN_CHANNELS:
+        return input_gradient, "winograd"
+    return input_gradient, "stacked" if uses_stacked_kernel_gradient(x_shape, kernel_shape, 1) else "xla"
 
 
 def conv2d(x, kernel, stride: int = 1, padding: int = 0):
@@ -84,5 +106,7 @@ def conv2d(x, kernel, stride: int = 1, padding: int = 0):
     if stride > 1:
         return strided_conv2d(x, kernel, stride, padding)
     if uses_winograd(x.shape, kernel.shape, x.dtype, stride, padding):
-        return winograd_conv3x3(x, kernel, uses_winograd_gradients(kernel.shape))
+        return winograd_conv3x3(x, kernel, *gradient_algorithms(x.shape, kernel.shape))
+    if uses_stacked_kernel_gradient(x.shape, kernel.shape, stride):
+        return conv2d_stacked_kernel_gradient(x, kernel, padding)
     return plain_conv2d(x, kernel, stride, padding)

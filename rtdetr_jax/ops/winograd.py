@@ -15,11 +15,14 @@ saved FLOPs; `conv2d` (ops/conv.py) decides where it is used. The price is compi
 compiles in ~16 s instead of ~3.3 s all direct (16 planes per convolution, and the ordering in `_after`).
 
 The gradients come from a `custom_vjp` that saves only the input and the kernel (a convolution's gradient does not
-depend on how its forward was computed): XLA's gradients of the direct convolution, or, from 128 channels up
-(`conv2d` decides), both by Winograd (`_winograd_gradients`), with the planes recomputed in the backward. That
-made the r18vd batch-4 train step 0.94x the time (paired A/B) for a 32 s longer first step. Letting jax
-differentiate the planes instead was 1.4-1.8x faster for one convolution alone, but slower in that step (7.65 s vs
-7.23 s a step, direct throughout) and compiled 28 s longer: its residuals are the 4x-sized transformed inputs.
+depend on how its forward was computed); each is picked on its own (`conv2d` decides): the input gradient is XLA's
+or, from 128 channels up, Winograd's (`_winograd_input_gradient`); the kernel gradient is XLA's, the stacked-batch
+one (ops/kernel_gradient.py) or, from 256 channels up, Winograd's (`_winograd_kernel_gradient`), the planes
+recomputed in the backward. Winograd's gradients from 128 channels made the r18vd batch-4 train step 0.94x the
+time (paired A/B) for a 32 s longer first step; at (4, 80, 80, 128) the stacked kernel gradient later beat
+Winograd's (85 vs 110 ms), at (4, 20, 20, 512) Winograd's stayed faster (38 vs 71 ms). Letting jax differentiate
+the planes instead was 1.4-1.8x faster for one convolution alone, but slower in that step (7.65 s vs 7.23 s a
+step, direct throughout) and compiled 28 s longer: its residuals are the 4x-sized transformed inputs.
 
 The 16 planes are kept as separate arrays, not stacked into one (16, tiles, channels) batch: stacked, XLA:CPU
 built the transformed input as one concatenation that ran several times slower than the 16 fused slices-and-adds
@@ -30,10 +33,16 @@ the whole r18vd forward's float32 error stays at the direct convolution's and Py
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
+from rtdetr_jax.ops.kernel_gradient import stacked_kernel_gradient
 from rtdetr_jax.ops.strided_conv import plain_conv2d
+
+INPUT_GRADIENTS = ("xla", "winograd")
+KERNEL_GRADIENTS = ("xla", "stacked", "winograd")
 
 
 def _input_transform(d0, d1, d2, d3):
@@ -88,41 +97,64 @@ def _output_gradient_transform(d0, d1):
 FLIP = (3, 1, 2, 0)
 
 
-def winograd_conv3x3(x, kernel, winograd_gradients: bool = False):
+def winograd_conv3x3(x, kernel, input_gradient: str = "xla", kernel_gradient: str = "xla"):
     """`conv2d(x, kernel, stride=1, padding=1)` for x (batch, H, W, in) and a (3, 3, in, out) kernel; any H, W
-    (odd sizes are padded by one row or column and cropped back). Gradients: the direct convolution's (XLA's), or
-    with `winograd_gradients` both by Winograd too (`_winograd_gradients`), which pays from 128 channels up."""
-    return (_conv_winograd_gradients if winograd_gradients else _conv_direct_gradients)(x, kernel)
+    (odd sizes are padded by one row or column and cropped back). Gradients: `input_gradient` "xla" (the direct
+    convolution's) or "winograd"; `kernel_gradient` "xla", "stacked" (ops/kernel_gradient.py) or "winograd"."""
+    if input_gradient not in INPUT_GRADIENTS:
+        raise ValueError(f"input_gradient {input_gradient!r} is not one of {', '.join(INPUT_GRADIENTS)}")
+    if kernel_gradient not in KERNEL_GRADIENTS:
+        raise ValueError(f"kernel_gradient {kernel_gradient!r} is not one of {', '.join(KERNEL_GRADIENTS)}")
+    return _winograd_conv(x, kernel, input_gradient, kernel_gradient)
 
 
-def _forward_with_residuals(x, kernel):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _winograd_conv(x, kernel, input_gradient, kernel_gradient):
+    return _winograd_forward(x, kernel)
+
+
+def _forward_with_residuals(x, kernel, input_gradient, kernel_gradient):
     return _winograd_forward(x, kernel), (x, kernel)
 
 
-def _direct_gradients(residuals, dy):
+def _gradients(input_gradient, kernel_gradient, residuals, dy):
+    """From the saved input and kernel (nothing 4x-sized is kept for the backward)."""
     x, kernel = residuals
-    return jax.vjp(lambda x_, k_: plain_conv2d(x_, k_, 1, 1), x, kernel)[1](dy)
+    dy = dy.astype(x.dtype)
+    if input_gradient == "winograd":
+        dx = _winograd_input_gradient(x.shape, kernel, dy)
+    else:
+        dx = jax.vjp(lambda v: plain_conv2d(v, kernel, 1, 1), x)[1](dy)[0]
+    if kernel_gradient == "winograd":
+        dkernel = _winograd_kernel_gradient(x, dy)
+    elif kernel_gradient == "stacked":
+        dkernel = stacked_kernel_gradient(x, dy, (3, 3), 1)
+    else:
+        dkernel = jax.vjp(lambda v: plain_conv2d(x, v, 1, 1), kernel)[1](dy)[0]
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
 
-def _winograd_gradients(residuals, dy):
-    """Both gradients by Winograd, from the saved input and kernel (nothing 4x-sized is kept for the backward):
+_winograd_conv.defvjp(_forward_with_residuals, _gradients)
 
-    - input gradient: the convolution of dy with the kernel rotated 180 degrees and its channels swapped, i.e. the
-      forward algorithm with the kernel's planes permuted (FLIP) and each plane's matmul transposed;
-    - kernel gradient: per plane, (input planes)^T @ (dy's planes, A dy A^T), summed over all tiles by the matmul,
-      then G^T dU G back to the 3x3 taps.
 
-    Measured per convolution against XLA's gradients (benchmarks/README.md, "Winograd convolutions"): both faster
-    from 128 channels up at 40x40 maps and below (1.2-2x), about even at (4, 80, 80, 128), slower at
-    (4, 160, 160, 64) (0.76-0.85x: the transforms' memory traffic)."""
-    x, kernel = residuals
+def _winograd_input_gradient(x_shape, kernel, dy):
+    """The convolution of dy with the kernel rotated 180 degrees and its channels swapped, i.e. the forward
+    algorithm with the kernel's planes permuted (FLIP) and each plane's matmul transposed.
+
+    Measured per convolution against XLA's gradients (benchmarks/README.md, "Winograd convolutions"): faster from
+    128 channels up at 40x40 maps and below (1.2-2x), about even at (4, 80, 80, 128)."""
+    _, h, w, _ = x_shape
+    u = winograd_kernel(_after(kernel, dy).astype(dy.dtype))
+    dy_planes, _, _ = _input_planes(dy)
+    return _assemble_output(_plane_products(dy_planes, u, rotated=True), h, w)
+
+
+def _winograd_kernel_gradient(x, dy):
+    """Per plane, (input planes)^T @ (dy's planes, A dy A^T), summed over all tiles by the matmul, then
+    G^T dU G back to the 3x3 taps."""
     _, h, w, cin = x.shape
     cout = dy.shape[-1]
-    dy = dy.astype(x.dtype)
-    u = winograd_kernel(_after(kernel, dy).astype(x.dtype))
-    dy_planes, th, tw = _input_planes(dy)
-    dx = _assemble_output(_plane_products(dy_planes, u, rotated=True), h, w)
-    x_planes, _, _ = _input_planes(x)
+    x_planes, th, tw = _input_planes(x)
     dyp = jnp.pad(dy, ((0, 0), (0, 2 * th - h), (0, 2 * tw - w), (0, 0)))  # whole tiles; the extra outputs get 0
     d = [[dyp[:, p::2, q::2] for q in range(2)] for p in range(2)]  # d[p][q]: (batch, th, tw, out)
     rows = [_output_gradient_transform(d[0][q], d[1][q]) for q in range(2)]  # rows[q][a]
@@ -131,14 +163,7 @@ def _winograd_gradients(residuals, dy):
           for a in range(4)]  # (in, out) each
     cols = [_kernel_gradient_transform(*[du[a][b] for a in range(4)]) for b in range(4)]  # cols[b][i]
     taps = [_kernel_gradient_transform(*[cols[b][i] for b in range(4)]) for i in range(3)]  # taps[i][j]
-    dkernel = jnp.stack([jnp.stack(row) for row in taps]).astype(kernel.dtype)
-    return dx, dkernel
-
-
-_conv_direct_gradients = jax.custom_vjp(lambda x, kernel: _winograd_forward(x, kernel))
-_conv_direct_gradients.defvjp(_forward_with_residuals, _direct_gradients)
-_conv_winograd_gradients = jax.custom_vjp(lambda x, kernel: _winograd_forward(x, kernel))
-_conv_winograd_gradients.defvjp(_forward_with_residuals, _winograd_gradients)
+    return jnp.stack([jnp.stack(row) for row in taps])
 
 
 def _input_planes(x):
