@@ -22,7 +22,6 @@ from rtdetr_jax.modeling.encoder import HybridEncoder
 from rtdetr_jax.modeling.layers import BatchNorm, Conv2d, Dtype, MLPPredictionHead, dense, layer_norm, precise_dtype
 
 
-
 @flax.struct.dataclass
 class RTDetrV2ObjectDetectionOutput:
     """Same names and shapes as transformers' `RTDetrV2ObjectDetectionOutput` (inference fields).

@@ -34,7 +34,8 @@ def stacked_kernel_gradient(x, dy, kernel_size: tuple[int, int], padding: int):
     if n == 0:  # an empty batch: no products, and no tall image to build
         return jnp.zeros((kh, kw, cin, dy.shape[3]), x.dtype)
     rows = h + 2 * padding  # of each padded image
-    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0))).reshape(1, n * rows, w + 2 * padding, cin)
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    xp = xp.reshape(1, n * rows, w + 2 * padding, cin)  # the images one below the other
     # each image's dy rows, then kh - 1 zero rows (dy has rows - kh + 1 rows); the tall VALID output has
     # n * rows - kh + 1 rows, so the last image's zero rows are dropped
     dyp = jnp.pad(dy.astype(x.dtype), ((0, 0), (0, kh - 1), (0, 0), (0, 0)))
