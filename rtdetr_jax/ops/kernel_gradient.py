@@ -23,7 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from rtdetr_jax.ops.strided_conv import plain_conv2d
+from rtdetr_jax.ops.strided_conv import plain_conv2d, xla_input_gradient, xla_kernel_gradient
 
 
 def stacked_kernel_gradient(x, dy, kernel_size: tuple[int, int], padding: int):
@@ -40,8 +40,7 @@ def stacked_kernel_gradient(x, dy, kernel_size: tuple[int, int], padding: int):
     # n * rows - kh + 1 rows, so the last image's zero rows are dropped
     dyp = jnp.pad(dy.astype(x.dtype), ((0, 0), (0, kh - 1), (0, 0), (0, 0)))
     dyp = dyp.reshape(1, n * rows, dy.shape[2], dy.shape[3])[:, :n * rows - kh + 1]
-    kernel = jnp.zeros((kh, kw, cin, dy.shape[3]), x.dtype)
-    return jax.vjp(lambda k: plain_conv2d(xp, k, 1, 0), kernel)[1](dyp)[0]
+    return xla_kernel_gradient(xp, dyp, (kh, kw, cin, dy.shape[3]), 1, 0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -57,7 +56,7 @@ def _fwd(x, kernel, padding):
 
 def _bwd(padding, residuals, dy):
     x, kernel = residuals
-    dx = jax.vjp(lambda v: plain_conv2d(v, kernel, 1, padding), x)[1](dy)[0]
+    dx = xla_input_gradient(x, kernel, dy, 1, padding)
     dkernel = stacked_kernel_gradient(x, dy, kernel.shape[:2], padding).astype(kernel.dtype)
     return dx, dkernel
 

@@ -30,6 +30,18 @@ def plain_conv2d(x, kernel, stride: int, padding: int):
                                         dimension_numbers=_DIMS)
 
 
+def xla_input_gradient(x, kernel, dy, stride: int, padding: int):
+    """XLA's dL/dx of `plain_conv2d(x, kernel, stride, padding)` given dy = dL/dy."""
+    return jax.vjp(lambda v: plain_conv2d(v, kernel, stride, padding), x)[1](dy)[0]
+
+
+def xla_kernel_gradient(x, dy, kernel_shape, stride: int, padding: int):
+    """XLA's dL/dkernel of `plain_conv2d(x, kernel, stride, padding)` given dy = dL/dy, in x's dtype (the
+    convolution is linear in the kernel, so no kernel value is needed)."""
+    zeros = jnp.zeros(tuple(kernel_shape), x.dtype)
+    return jax.vjp(lambda v: plain_conv2d(x, v, stride, padding), zeros)[1](dy.astype(x.dtype))[0]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def strided_conv2d(x, kernel, stride: int, padding: int):
     """`conv2d` for stride >= 2, with the per-phase input gradient."""
@@ -84,7 +96,7 @@ def _input_gradient(x_shape, kernel, dy, stride: int, padding: int):
 def _bwd(stride, padding, residuals, dy):
     x, kernel = residuals
     dx = _input_gradient(x.shape, kernel, dy, stride, padding).astype(x.dtype)
-    dkernel = jax.vjp(lambda v: plain_conv2d(x, v, stride, padding), kernel)[1](dy)[0]
+    dkernel = xla_kernel_gradient(x, dy, kernel.shape, stride, padding).astype(kernel.dtype)
     return dx, dkernel
 
 

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from rtdetr_jax.ops.kernel_gradient import stacked_kernel_gradient
-from rtdetr_jax.ops.strided_conv import plain_conv2d
+from rtdetr_jax.ops.strided_conv import xla_input_gradient, xla_kernel_gradient
 
 INPUT_GRADIENTS = ("xla", "winograd")
 KERNEL_GRADIENTS = ("xla", "stacked", "winograd")
@@ -124,13 +124,13 @@ def _gradients(input_gradient, kernel_gradient, residuals, dy):
     if input_gradient == "winograd":
         dx = _winograd_input_gradient(x.shape, kernel, dy)
     else:
-        dx = jax.vjp(lambda v: plain_conv2d(v, kernel, 1, 1), x)[1](dy)[0]
+        dx = xla_input_gradient(x, kernel, dy, 1, 1)
     if kernel_gradient == "winograd":
         dkernel = _winograd_kernel_gradient(x, dy)
     elif kernel_gradient == "stacked":
         dkernel = stacked_kernel_gradient(x, dy, (3, 3), 1)
     else:
-        dkernel = jax.vjp(lambda v: plain_conv2d(x, v, 1, 1), kernel)[1](dy)[0]
+        dkernel = xla_kernel_gradient(x, dy, kernel.shape, 1, 1)
     return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
 
