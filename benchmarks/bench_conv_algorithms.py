@@ -36,7 +36,7 @@ def time_shapes(iters: int) -> list[dict]:
     import jax
 
     from rtdetr_jax.ops.conv import uses_winograd
-    from rtdetr_jax.ops.strided_conv import plain_conv2d
+    from rtdetr_jax.ops.xla_conv import plain_conv2d
     from rtdetr_jax.ops.winograd import winograd_conv3x3
 
     direct = jax.jit(lambda x, k: plain_conv2d(x, k, 1, 1))

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import rtdetr_jax.ops.kernel_gradient as kernel_gradient_module
 from rtdetr_jax.ops.kernel_gradient import conv2d_stacked_kernel_gradient, stacked_kernel_gradient
-from rtdetr_jax.ops.strided_conv import plain_conv2d
+from rtdetr_jax.ops.xla_conv import plain_conv2d
 
 torch = pytest.importorskip("torch")
 
@@ -31,8 +32,17 @@ SHAPES = [(3, 5, 7, 2, 3, 3, 1), (2, 4, 4, 3, 2, 1, 0), (2, 6, 5, 2, 2, 3, 0), (
           (2, 1, 1, 3, 2, 3, 1), (3, 1, 6, 2, 2, 3, 1), (1, 4, 5, 2, 2, 3, 1), (0, 4, 4, 2, 3, 3, 1)]
 
 
+@pytest.fixture(params=["matmul", "xla"])
+def transpose(request, monkeypatch):
+    """Both ways the tall image is transposed: by a matmul (up to TRANSPOSE_BY_MATMUL_MAX_CHANNELS input channels)
+    and by XLA (above; here by setting the limit to 0)."""
+    if request.param == "xla":
+        monkeypatch.setattr(kernel_gradient_module, "TRANSPOSE_BY_MATMUL_MAX_CHANNELS", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("shape", SHAPES)
-def test_matches_torch_in_float64(shape):
+def test_matches_torch_in_float64(shape, transpose):
     n, h, w, cin, cout, k, padding = shape
     rng = np.random.default_rng(sum(shape))
     x, kernel = rng.normal(size=(n, h, w, cin)), rng.normal(size=(k, k, cin, cout))
@@ -48,7 +58,7 @@ def test_matches_torch_in_float64(shape):
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-10, atol=1e-10, err_msg=name)
 
 
-def test_float32_rounding_of_the_order_of_xlas():
+def test_float32_rounding_of_the_order_of_xlas(transpose):
     """At a training-like size (batch 4, 64 channels) the float32 kernel gradient sits no further from the float64
     one than a few times XLA's float32 kernel gradient does (the sums only run in another order)."""
     rng = np.random.default_rng(5)
@@ -74,3 +84,13 @@ def test_dtype_of_the_input_and_of_the_kernel_kept():
     assert stacked_kernel_gradient(x, jnp.ones((2, 6, 5, 3), jnp.float32), (3, 3), 1).dtype == jnp.bfloat16
     dk = jax.grad(lambda k_: jnp.sum(conv2d_stacked_kernel_gradient(x, k_.astype(jnp.bfloat16), 1)))(kernel)
     assert dk.dtype == jnp.float32 and dk.shape == kernel.shape
+
+
+def test_the_transpose_is_a_matmul_up_to_the_limit(monkeypatch):
+    def jaxpr(cin):
+        x, dy = jnp.ones((2, 6, 5, cin)), jnp.ones((2, 6, 5, 3))
+        return str(jax.make_jaxpr(lambda a, b: stacked_kernel_gradient(a, b, (3, 3), 1))(x, dy))
+    limit = kernel_gradient_module.TRANSPOSE_BY_MATMUL_MAX_CHANNELS
+    assert "dot_general" in jaxpr(limit) and "dot_general" not in jaxpr(limit + 1)
+    monkeypatch.setattr(kernel_gradient_module, "TRANSPOSE_BY_MATMUL_MAX_CHANNELS", 0)
+    assert "dot_general" not in jaxpr(1)

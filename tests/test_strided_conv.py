@@ -1,5 +1,7 @@
 """ops/strided_conv.py: forward and both gradients equal torch conv2d's, for strides, kernels and sizes where the
-stride phases differ (odd sizes, taps that miss a phase, input rows the forward never reads)."""
+stride phases differ (odd sizes, taps that miss a phase, input rows the forward never reads), with XLA's kernel
+gradient and with the per-phase one (`phase_kernel_gradient`, ops/kernel_gradient.py); `conv2d`'s choice between
+them; the error for an unknown kernel gradient."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import numpy as np
 import pytest
 
 from rtdetr_jax.modeling.layers import Conv2d
-from rtdetr_jax.ops.conv import conv2d
+from rtdetr_jax.ops.conv import conv2d, conv_algorithm, uses_phase_kernel_gradient
+from rtdetr_jax.ops.kernel_gradient import phase_kernel_gradient
 from rtdetr_jax.ops.strided_conv import strided_conv2d
 
 torch = pytest.importorskip("torch")
@@ -38,20 +41,73 @@ def torch_conv(x, kernel, probe, stride, padding):
             kt.grad.numpy().transpose(2, 3, 1, 0))
 
 
-@pytest.mark.parametrize("h, w, kernel, stride, padding", CASES)
-def test_matches_torch(h, w, kernel, stride, padding):
+@pytest.mark.parametrize("h, w, kernel, stride, padding, kernel_gradient",
+                         [(*case, how) for case in CASES for how in ("conv2d", "xla", "phases")
+                          if case[3] > 1 or how == "conv2d"])  # strided_conv2d is for stride >= 2
+def test_matches_torch(h, w, kernel, stride, padding, kernel_gradient):
     rng = np.random.default_rng(h * 100 + w * 10 + kernel)
     x = rng.normal(size=(2, h, w, 3))
     k = rng.normal(size=(kernel, kernel, 3, 4))
     out_hw = ((h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1)
     probe = rng.normal(size=(2, *out_hw, 4))
     expected = torch_conv(x, k, probe, stride, padding)
+    if kernel_gradient == "conv2d":
+        conv = lambda x_, k_: conv2d(x_, k_, stride, padding)  # noqa: E731
+    else:
+        conv = lambda x_, k_: strided_conv2d(x_, k_, stride, padding, kernel_gradient)  # noqa: E731
     with jax.enable_x64(True):
-        loss = lambda x_, k_: jnp.sum(conv2d(x_, k_, stride, padding) * probe)  # noqa: E731
-        y = conv2d(jnp.asarray(x), jnp.asarray(k), stride, padding)
+        loss = lambda x_, k_: jnp.sum(conv(x_, k_) * probe)  # noqa: E731
+        y = conv(jnp.asarray(x), jnp.asarray(k))
         dx, dk = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(k))
+        if stride > 1:  # the per-phase kernel gradient on its own, and on one image and on an empty batch
+            direct = phase_kernel_gradient(jnp.asarray(x), jnp.asarray(probe), k.shape, stride, padding)
+            np.testing.assert_allclose(np.asarray(direct), expected[2], rtol=1e-12, atol=1e-12)
+            one = phase_kernel_gradient(jnp.asarray(x[:1]), jnp.asarray(probe[:1]), k.shape, stride, padding)
+            np.testing.assert_allclose(np.asarray(one), torch_conv(x[:1], k, probe[:1], stride, padding)[2],
+                                       rtol=1e-12, atol=1e-12)
+            empty = phase_kernel_gradient(jnp.zeros((0, h, w, 3)), jnp.zeros((0, *out_hw, 4)), k.shape, stride,
+                                          padding)
+            assert empty.shape == k.shape and not np.asarray(empty).any()
     for name, got, want in zip(("y", "dx", "dkernel"), (y, dx, dk), expected):
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+def test_per_phase_kernel_gradient_float32_matches_xlas():
+    """At a training-like size the per-phase kernel gradient equals XLA's to float32 rounding, on both of the
+    stacked kernel gradient's transposes (a matmul up to 64 input channels, XLA's above)."""
+    rng = np.random.default_rng(3)
+    for cin in (64, 96):
+        x = jnp.asarray(rng.normal(size=(4, 24, 24, cin)), jnp.float32)
+        dy = jnp.asarray(rng.normal(size=(4, 12, 12, 32)), jnp.float32)
+        want = jax.vjp(lambda k_: jax.lax.conv_general_dilated(x, k_, (2, 2), ((1, 1), (1, 1)),
+                                                              dimension_numbers=("NHWC", "HWIO", "NHWC")),
+                       jnp.zeros((3, 3, cin, 32)))[1](dy)[0]
+        got = phase_kernel_gradient(x, dy, (3, 3, cin, 32), 2, 1)
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_conv2d_chooses_the_per_phase_kernel_gradient_on_the_cpu():
+    on_cpu = jax.default_backend() == "cpu"
+    assert uses_phase_kernel_gradient((4, 160, 160, 64), (3, 3, 64, 128), 2) is on_cpu
+    assert uses_phase_kernel_gradient((4, 80, 80, 256), (3, 3, 256, 256), 2) is on_cpu
+    assert not uses_phase_kernel_gradient((4, 640, 640, 3), (3, 3, 3, 32), 2)  # the stem: XLA's was faster
+    assert not uses_phase_kernel_gradient((1, 160, 160, 64), (3, 3, 64, 128), 2)  # batch 1
+    assert not uses_phase_kernel_gradient((4, 160, 160, 64), (3, 3, 64, 64), 1)  # stride 1: not strided
+    with conv_algorithm("direct"):
+        assert not uses_phase_kernel_gradient((4, 160, 160, 64), (3, 3, 64, 128), 2)
+    x = jnp.ones((2, 8, 8, 64))
+    k = jnp.ones((3, 3, 64, 8))
+    def jaxpr():  # a fresh function each time: jax caches traces per function
+        return str(jax.make_jaxpr(jax.grad(lambda k_: jnp.sum(conv2d(x, k_, 2, 1))))(k))
+    assert ("rhs_dilation=(2, 2)" not in jaxpr()) is on_cpu  # XLA's strided kernel gradient dilates dy
+    with conv_algorithm("direct"):
+        assert "rhs_dilation=(2, 2)" in jaxpr()
+
+
+def test_unknown_kernel_gradient_is_rejected():
+    with pytest.raises(ValueError, match="strided_conv2d kernel_gradient 'fast' is not one of xla, phases"):
+        strided_conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((3, 3, 1, 1)), 2, 1, "fast")
 
 
 def test_float32_gradient_matches_xla_autodiff():

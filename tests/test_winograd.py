@@ -13,7 +13,7 @@ from rtdetr_jax.modeling.layers import Conv2d
 from rtdetr_jax.ops.conv import (WINOGRAD_GRADIENT_MIN_CHANNELS, WINOGRAD_KERNEL_GRADIENT_MIN_CHANNELS,
                                  WINOGRAD_MIN_CHANNELS, conv2d, conv_algorithm, gradient_algorithms,
                                  uses_stacked_kernel_gradient, uses_winograd)
-from rtdetr_jax.ops.strided_conv import plain_conv2d
+from rtdetr_jax.ops.xla_conv import plain_conv2d
 from rtdetr_jax.ops.winograd import winograd_conv3x3
 
 torch = pytest.importorskip("torch")

@@ -1,6 +1,8 @@
 """`conv2d`, the one entry point for the detector's 2-d convolutions, and the choice of algorithm behind it.
 
-- stride >= 2: XLA's convolution with the input gradient taken per stride phase (ops/strided_conv.py);
+- stride >= 2: XLA's convolution with the input gradient taken per stride phase (ops/strided_conv.py), and on the
+  CPU at batch >= 2 and from `PHASE_KERNEL_GRADIENT_MIN_CHANNELS` input channels the kernel gradient too
+  (`uses_phase_kernel_gradient`);
 - 3x3, stride 1, padding 1, float32, on the CPU, both channel counts >= `WINOGRAD_MIN_CHANNELS` and at least
   `WINOGRAD_MIN_FLOP` of work: Winograd's F(2x2, 3x3) (ops/winograd.py), 2.25x fewer multiplications;
 - anything else: XLA's convolution.
@@ -38,12 +40,14 @@ import jax
 import jax.numpy as jnp
 
 from rtdetr_jax.ops.kernel_gradient import conv2d_stacked_kernel_gradient
-from rtdetr_jax.ops.strided_conv import plain_conv2d, strided_conv2d
+from rtdetr_jax.ops.strided_conv import strided_conv2d
+from rtdetr_jax.ops.xla_conv import plain_conv2d
 from rtdetr_jax.ops.winograd import winograd_conv3x3
 
 WINOGRAD_MIN_CHANNELS = 64
 WINOGRAD_GRADIENT_MIN_CHANNELS = 128  # the input gradient by Winograd too (ops/winograd.py)
 WINOGRAD_KERNEL_GRADIENT_MIN_CHANNELS = 256  # and the kernel gradient; below, the stacked one (ops/kernel_gradient.py)
+PHASE_KERNEL_GRADIENT_MIN_CHANNELS = 64  # strided kernel gradients per phase: faster from 64, slower at 3
 WINOGRAD_MIN_FLOP = 2.5e8  # of the direct convolution: 2 * 9 * in * out per output pixel
 ALGORITHMS = ("auto", "direct", "winograd")
 _ALGORITHM = contextvars.ContextVar("rtdetr_jax_conv_algorithm", default="auto")
@@ -84,6 +88,15 @@ def uses_stacked_kernel_gradient(x_shape, kernel_shape, stride: int) -> bool:
             and tuple(kernel_shape[:2]) != (1, 1) and x_shape[0] >= 2)
 
 
+def uses_phase_kernel_gradient(x_shape, kernel_shape, stride: int) -> bool:
+    """Whether a strided convolution's kernel gradient is taken one stride phase at a time over the batch stacked
+    into one image (`phase_kernel_gradient`, ops/kernel_gradient.py): under "auto", on the CPU, at a batch of 2 or
+    more and from `PHASE_KERNEL_GRADIENT_MIN_CHANNELS` input channels. Alone, batch 4: (160, 160, 64) -> 128
+    101 -> 64 ms, (80, 80, 256) -> 256 114 -> 90 ms; the stem's 3 channels at 640 46 -> 51 ms, so XLA's there."""
+    return (_ALGORITHM.get() == "auto" and jax.default_backend() == "cpu" and stride > 1 and x_shape[0] >= 2
+            and kernel_shape[2] >= PHASE_KERNEL_GRADIENT_MIN_CHANNELS)
+
+
 def gradient_algorithms(x_shape, kernel_shape) -> tuple[str, str]:
     """For a convolution that `uses_winograd`: (input gradient, kernel gradient) as `winograd_conv3x3` takes them.
     Under "auto": Winograd's input gradient from `WINOGRAD_GRADIENT_MIN_CHANNELS` channels up (faster per
@@ -104,7 +117,8 @@ def conv2d(x, kernel, stride: int = 1, padding: int = 0):
     """`torch.nn.functional.conv2d(x, kernel, stride=stride, padding=padding)` on x (batch, H, W, in) with kernel
     (kh, kw, in, out): symmetric zero padding, no dilation, no groups."""
     if stride > 1:
-        return strided_conv2d(x, kernel, stride, padding)
+        phases = uses_phase_kernel_gradient(x.shape, kernel.shape, stride)
+        return strided_conv2d(x, kernel, stride, padding, "phases" if phases else "xla")
     if uses_winograd(x.shape, kernel.shape, x.dtype, stride, padding):
         return winograd_conv3x3(x, kernel, *gradient_algorithms(x.shape, kernel.shape))
     if uses_stacked_kernel_gradient(x.shape, kernel.shape, stride):

@@ -1,4 +1,5 @@
-"""The kernel gradient of a stride-1 convolution computed over the batch stacked into one tall image.
+"""Convolution kernel gradients computed over the batch stacked into one tall image, at stride 1 and, one stride
+phase at a time, at larger strides.
 
 Why: XLA:CPU computes a convolution's kernel gradient as a convolution whose contraction runs over the batch and
 the pixels, with the batch as its innermost ("feature") axis. So it first copies the input and the output
@@ -10,10 +11,14 @@ Here the images are stacked along the rows into one image of batch 1, each still
 side, and the output gradient likewise, with `kh - 1` zero rows after each image: the kernel gradient of the
 VALID convolution of that tall image is the sum over the images of theirs (at a seam every product meets a zero
 row of the gradient). With batch 1 the layout change is a plain (pixels, channels) -> (channels, pixels)
-transpose. Measured alone on the 2-core CPU (kernel gradient with the batch norm and ReLU that produce its input,
-batch 4, median of 7): 3x3 (160, 160, 64) -> 64 185 -> 148 ms, (320, 320, 32) -> 32 242 -> 208 ms,
-(80, 80, 128) -> 128 147 -> 85 ms (Winograd's kernel gradient: 110 ms), (40, 40, 256) -> 256 90 -> 67 ms;
-equal to XLA's within float32 rounding (relative 1e-6).
+transpose, done by a matmul with the identity up to `TRANSPOSE_BY_MATMUL_MAX_CHANNELS` input channels (XLA's
+element-wise transpose reads with a stride of `in` floats, slow for few channels). Measured alone on the 2-core
+CPU (kernel gradient with the batch norm and ReLU that produce its input, batch 4, median of 7): 3x3
+(160, 160, 64) -> 64 185 -> 148 ms, (320, 320, 32) -> 32 242 -> 208 ms, (80, 80, 128) -> 128 147 -> 85 ms
+(Winograd's kernel gradient: 110 ms), (40, 40, 256) -> 256 90 -> 67 ms; the matmul transpose then took
+(320, 320, 32) -> 32 from 171 to 119 ms (median of 9). Equal to XLA's within float32 rounding (relative 1e-6).
+A strided convolution's kernel gradient is one such stride-1 kernel gradient per stride phase of the input
+(`phase_kernel_gradient`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from rtdetr_jax.ops.strided_conv import plain_conv2d, xla_input_gradient, xla_kernel_gradient
+from rtdetr_jax.ops.xla_conv import plain_conv2d, xla_input_gradient, xla_kernel_gradient
+
+
+TRANSPOSE_BY_MATMUL_MAX_CHANNELS = 64  # up to this many input channels, the tall image is transposed by a matmul
 
 
 def stacked_kernel_gradient(x, dy, kernel_size: tuple[int, int], padding: int):
@@ -40,7 +48,54 @@ def stacked_kernel_gradient(x, dy, kernel_size: tuple[int, int], padding: int):
     # n * rows - kh + 1 rows, so the last image's zero rows are dropped
     dyp = jnp.pad(dy.astype(x.dtype), ((0, 0), (0, kh - 1), (0, 0), (0, 0)))
     dyp = dyp.reshape(1, n * rows, dy.shape[2], dy.shape[3])[:, :n * rows - kh + 1]
+    if cin <= TRANSPOSE_BY_MATMUL_MAX_CHANNELS:
+        return _tall_kernel_gradient_transposed_by_matmul(xp[0], dyp[0])
     return xla_kernel_gradient(xp, dyp, (kh, kw, cin, dy.shape[3]), 1, 0)
+
+
+def _tall_kernel_gradient_transposed_by_matmul(xp, dyp):
+    """XLA's kernel gradient of the VALID convolution of one tall image, xp (R, W, in) and dyp (R', W', out), with
+    the (pixels, in) -> (in, pixels) transpose it needs done as a product with the identity. Exact: each output is
+    one input times 1 plus zeros. Why: XLA:CPU's transpose of a few channels is an element-wise copy that reads
+    with a stride of `in` floats, and the matmul is faster at up to 64 channels (alone, with the batch norm and
+    ReLU in front, batch 4, median of 9: (320, 320, 32) -> 32 171 -> 119 ms, -> 64 214 -> 179 ms,
+    (160, 160, 64) -> 64 85 -> 78 ms; at 128 channels slower, 62 -> 72 ms)."""
+    r, w, cin = xp.shape
+    eye = jnp.eye(cin, dtype=xp.dtype)
+    xt = jax.lax.dot_general(eye, xp.reshape(r * w, cin), (((1,), (1,)), ((), ())),
+                             precision=jax.lax.Precision.HIGHEST)  # (in, pixels)
+    # the kernel gradient as XLA computes it: a convolution whose batch is `in`, whose kernel is dy and whose
+    # one input channel is contracted with dy's single "in" channel
+    dk = jax.lax.conv_general_dilated(xt.reshape(cin, r, w, 1), dyp.reshape(*dyp.shape[:2], 1, dyp.shape[2]),
+                                      (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      precision=jax.lax.Precision.HIGHEST)  # (in, kh, kw, out)
+    return dk.transpose(1, 2, 0, 3)
+
+
+def phase_kernel_gradient(x, dy, kernel_shape, stride: int, padding: int):
+    """dL/dkernel of `plain_conv2d(x, kernel, stride, padding)` for any stride, one stride phase at a time: kernel
+    tap t = stride * d + a reads padded input row stride * m + t, i.e. row m + d of the phase image of padded rows
+    a, a + stride, ...; so the taps of phase (a, b) get the stride-1 kernel gradient (`stacked_kernel_gradient`)
+    of that phase image, cropped to the rows and columns they read, with dy. For 3x3 at stride 2: 2x2, 2x1, 1x2
+    and 1x1 sub-kernels, 9 taps in all, no zeros multiplied. Why: XLA's strided kernel gradient transposes its
+    operands into batch-innermost layout, as at stride 1 (the module docstring); alone, batch 4, with the batch
+    norm and ReLU in front, median of 9: (160, 160, 64) -> 128 101 -> 64 ms, (80, 80, 256) -> 256 114 -> 90 ms,
+    (80, 80, 128) -> 256 52 -> 40 ms; with 3 input channels (the stem) slower, 46 -> 51 ms. x (batch, H, W, in),
+    dy (batch, out H, out W, out) -> kernel_shape (kh, kw, in, out) in x's dtype."""
+    kh, kw = kernel_shape[:2]
+    out_h, out_w = dy.shape[1:3]
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    dkernel = jnp.zeros(tuple(kernel_shape), x.dtype)
+    for a in range(min(stride, kh)):
+        taps_h = len(range(a, kh, stride))
+        for b in range(min(stride, kw)):
+            taps_w = len(range(b, kw, stride))
+            # the phase image, cropped to the out + taps - 1 rows (columns) its taps read; the forward's output
+            # size guarantees that it has them
+            phase = xp[:, a::stride, b::stride][:, :out_h + taps_h - 1, :out_w + taps_w - 1]
+            dkernel = dkernel.at[a::stride, b::stride].set(
+                stacked_kernel_gradient(phase, dy, (taps_h, taps_w), 0))
+    return dkernel
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

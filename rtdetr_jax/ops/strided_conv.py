@@ -10,8 +10,8 @@ Here the input grid is split into stride x stride phases: input row `s*m + r` on
 `t` with `t = r + p (mod s)`, at output row `m + (r + p - t) / s`. So each phase of the input gradient is a
 stride-1 convolution of the output gradient with a sub-kernel of those taps (for 3x3 at stride 2: 1x1, 1x2, 2x1
 and 2x2 taps, 9 in all, no zeros multiplied), and the phases are interleaved once at the end. The forward pass
-and the kernel gradient are XLA's own. `conv2d` (ops/conv.py) is the entry point that sends strided convolutions
-here.
+is XLA's own; the kernel gradient XLA's or the same phase split on the input side (`phase_kernel_gradient`,
+ops/kernel_gradient.py), as `conv2d` (ops/conv.py), the entry point that sends strided convolutions here, picks.
 """
 
 from __future__ import annotations
@@ -21,34 +21,28 @@ import functools
 import jax
 import jax.numpy as jnp
 
-_DIMS = ("NHWC", "HWIO", "NHWC")
+from rtdetr_jax.ops.kernel_gradient import phase_kernel_gradient
+from rtdetr_jax.ops.xla_conv import plain_conv2d, xla_kernel_gradient
+
+KERNEL_GRADIENTS = ("xla", "phases")
 
 
-def plain_conv2d(x, kernel, stride: int, padding: int):
-    """XLA's convolution: x (batch, H, W, in), kernel (kh, kw, in, out), symmetric padding."""
-    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((padding, padding), (padding, padding)),
-                                        dimension_numbers=_DIMS)
+def strided_conv2d(x, kernel, stride: int, padding: int, kernel_gradient: str = "xla"):
+    """`conv2d` for stride >= 2, with the per-phase input gradient; the kernel gradient XLA's ("xla") or one
+    stride-1 kernel gradient per stride phase over the batch stacked into one image ("phases",
+    `phase_kernel_gradient` in ops/kernel_gradient.py; `conv2d` picks it on the CPU)."""
+    if kernel_gradient not in KERNEL_GRADIENTS:
+        raise ValueError(f"strided_conv2d kernel_gradient {kernel_gradient!r} is not one of "
+                         f"{', '.join(KERNEL_GRADIENTS)}")
+    return _strided_conv(x, kernel, stride, padding, kernel_gradient)
 
 
-def xla_input_gradient(x, kernel, dy, stride: int, padding: int):
-    """XLA's dL/dx of `plain_conv2d(x, kernel, stride, padding)` given dy = dL/dy."""
-    return jax.vjp(lambda v: plain_conv2d(v, kernel, stride, padding), x)[1](dy)[0]
-
-
-def xla_kernel_gradient(x, dy, kernel_shape, stride: int, padding: int):
-    """XLA's dL/dkernel of `plain_conv2d(x, kernel, stride, padding)` given dy = dL/dy, in x's dtype (the
-    convolution is linear in the kernel, so no kernel value is needed)."""
-    zeros = jnp.zeros(tuple(kernel_shape), x.dtype)
-    return jax.vjp(lambda v: plain_conv2d(x, v, stride, padding), zeros)[1](dy.astype(x.dtype))[0]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def strided_conv2d(x, kernel, stride: int, padding: int):
-    """`conv2d` for stride >= 2, with the per-phase input gradient."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _strided_conv(x, kernel, stride, padding, kernel_gradient):
     return plain_conv2d(x, kernel, stride, padding)
 
 
-def _fwd(x, kernel, stride, padding):
+def _fwd(x, kernel, stride, padding, kernel_gradient):
     return plain_conv2d(x, kernel, stride, padding), (x, kernel)
 
 
@@ -93,11 +87,14 @@ def _input_gradient(x_shape, kernel, dy, stride: int, padding: int):
     return grid.reshape(n, hq * stride, wq * stride, cin)[:, :h, :w]
 
 
-def _bwd(stride, padding, residuals, dy):
+def _bwd(stride, padding, kernel_gradient, residuals, dy):
     x, kernel = residuals
     dx = _input_gradient(x.shape, kernel, dy, stride, padding).astype(x.dtype)
-    dkernel = xla_kernel_gradient(x, dy, kernel.shape, stride, padding).astype(kernel.dtype)
-    return dx, dkernel
+    if kernel_gradient == "phases":
+        dkernel = phase_kernel_gradient(x, dy, kernel.shape, stride, padding)
+    else:
+        dkernel = xla_kernel_gradient(x, dy, kernel.shape, stride, padding)
+    return dx, dkernel.astype(kernel.dtype)
 
 
-strided_conv2d.defvjp(_fwd, _bwd)
+_strided_conv.defvjp(_fwd, _bwd)

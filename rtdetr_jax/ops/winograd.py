@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from rtdetr_jax.ops.kernel_gradient import stacked_kernel_gradient
-from rtdetr_jax.ops.strided_conv import xla_input_gradient, xla_kernel_gradient
+from rtdetr_jax.ops.xla_conv import xla_input_gradient, xla_kernel_gradient
 
 INPUT_GRADIENTS = ("xla", "winograd")
 KERNEL_GRADIENTS = ("xla", "stacked", "winograd")
