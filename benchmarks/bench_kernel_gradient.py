@@ -12,7 +12,10 @@ the batch x H x W positions:
 - `row_shifts`: 3 matmuls, one per kernel row, over column-shifted patches (3 * in, N*H*W).
 
 Prints, per shape, the median time of each (ms) and its GFLOP/s, and checks each against XLA's result (relative
-max error); also the forward for scale. Writes benchmarks/results/kernel_gradient.json. JAX only: PyTorch has no
+max error); also the forward for scale. A second table times the kernel gradients the library uses
+(rtdetr_jax/ops/kernel_gradient.py) against XLA's: at stride 1 the batch stacked into one tall image, its transpose
+by XLA and by a matmul with the identity; at stride 2 (the backbone's and the encoder's downsampling
+convolutions) one stride phase at a time. Writes benchmarks/results/kernel_gradient.json. JAX only: PyTorch has no
 counterpart to compare here (its kernel gradient is oneDNN's, measured inside bench_training.py's step).
 """
 
@@ -67,6 +70,58 @@ def forms():
     return conv, {"xla": xla, "patches_cm": patches_cm, "patches_nhwc": patches_nhwc, "row_shifts": row_shifts}
 
 
+# (batch, H, W, in, out, stride): r18vd's 3x3 convolutions at batch 4, 640x640, for the library's kernel gradients
+LIBRARY_SHAPES = [(4, 320, 320, 32, 32, 1), (4, 320, 320, 32, 64, 1), (4, 160, 160, 64, 64, 1),
+                  (4, 80, 80, 128, 128, 1), (4, 640, 640, 3, 32, 2), (4, 160, 160, 64, 128, 2),
+                  (4, 80, 80, 128, 256, 2), (4, 40, 40, 256, 512, 2), (4, 80, 80, 256, 256, 2)]
+
+
+def library_rows(iters: int, rng) -> list[dict]:
+    """XLA's kernel gradient against the library's for LIBRARY_SHAPES; prints a table."""
+    import jax
+    import numpy as np
+
+    import rtdetr_jax.ops.kernel_gradient as kg
+    from rtdetr_jax.ops.xla_conv import xla_kernel_gradient
+
+    def stacked(transpose_by_matmul_up_to):
+        def fn(x, dy):
+            limit, kg.TRANSPOSE_BY_MATMUL_MAX_CHANNELS = kg.TRANSPOSE_BY_MATMUL_MAX_CHANNELS, transpose_by_matmul_up_to
+            try:  # read when traced
+                return kg.stacked_kernel_gradient(x, dy, (3, 3), 1)
+            finally:
+                kg.TRANSPOSE_BY_MATMUL_MAX_CHANNELS = limit
+        return fn
+
+    rows = []
+    print("\n| kernel gradient of (3x3) | stride | XLA's | stacked, XLA's transpose | stacked, matmul transpose "
+          "| per stride phase |")
+    print("|---|---|---|---|---|---|")
+    for n, h, w, cin, cout, stride in LIBRARY_SHAPES:
+        x = jax.numpy.asarray(rng.standard_normal((n, h, w, cin), np.float32))
+        dy = jax.numpy.asarray(rng.standard_normal((n, h // stride, w // stride, cout), np.float32))
+        ways = {"xla": lambda x_, dy_: xla_kernel_gradient(x_, dy_, (3, 3, cin, cout), stride, 1)}
+        if stride == 1:
+            ways |= {"stacked_xla_transpose": stacked(0), "stacked_matmul_transpose": stacked(10 ** 9)}
+        else:
+            ways["phases"] = lambda x_, dy_: kg.phase_kernel_gradient(x_, dy_, (3, 3, cin, cout), stride, 1)
+        row = {"shape": [n, h, w, cin, cout], "stride": stride}
+        reference = None
+        for name, fn in ways.items():
+            f = jax.jit(fn)
+            got = np.asarray(f(x, dy))
+            reference = got if reference is None else reference
+            row[f"{name}_s"] = median_time(lambda: f(x, dy).block_until_ready(), iters)
+            row[f"{name}_rel_error"] = float(np.abs(got - reference).max() / np.abs(reference).max())
+        rows.append(row)
+        cells = [f"{row[k] * 1e3:.0f} ms" if k in row else "-" for k in
+                 ("xla_s", "stacked_xla_transpose_s", "stacked_matmul_transpose_s", "phases_s")]
+        print(f"| ({n}, {h}, {w}, {cin}) -> {cout} | {stride} | " + " | ".join(cells) + " |", flush=True)
+    worst = max(v for r in rows for k, v in r.items() if k.endswith("_rel_error"))
+    print(f"(largest relative difference from XLA's kernel gradient: {worst:.1e})")
+    return rows
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", type=int, default=7)
@@ -105,7 +160,8 @@ def main(argv=None) -> dict:
               f"({gflop / row['forward_s']:.0f}) | " + " | ".join(cells) + " |", flush=True)
     worst = max(r[f"{name}_rel_error"] for r in rows for name in kernels)
     print(f"(GFLOP/s in brackets; largest relative difference from XLA's gradient: {worst:.1e})")
-    result = {"rows": rows, "machine": machine_info(), "settings": vars(args) | {"out": None}}
+    library = library_rows(args.iters, rng)
+    result = {"rows": rows, "library_rows": library, "machine": machine_info(), "settings": vars(args) | {"out": None}}
     write_result(args.out, result)
     return result
 
