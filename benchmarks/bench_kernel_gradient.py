@@ -84,14 +84,8 @@ def library_rows(iters: int, rng) -> list[dict]:
     import rtdetr_jax.ops.kernel_gradient as kg
     from rtdetr_jax.ops.xla_conv import xla_kernel_gradient
 
-    def stacked(transpose_by_matmul_up_to):
-        def fn(x, dy):
-            limit, kg.TRANSPOSE_BY_MATMUL_MAX_CHANNELS = kg.TRANSPOSE_BY_MATMUL_MAX_CHANNELS, transpose_by_matmul_up_to
-            try:  # read when traced
-                return kg.stacked_kernel_gradient(x, dy, (3, 3), 1)
-            finally:
-                kg.TRANSPOSE_BY_MATMUL_MAX_CHANNELS = limit
-        return fn
+    def stacked(transpose):
+        return lambda x, dy: kg.stacked_kernel_gradient(x, dy, (3, 3), 1, transpose)
 
     rows = []
     print("\n| kernel gradient of (3x3) | stride | XLA's | stacked, XLA's transpose | stacked, matmul transpose "
@@ -102,7 +96,7 @@ def library_rows(iters: int, rng) -> list[dict]:
         dy = jax.numpy.asarray(rng.standard_normal((n, h // stride, w // stride, cout), np.float32))
         ways = {"xla": lambda x_, dy_: xla_kernel_gradient(x_, dy_, (3, 3, cin, cout), stride, 1)}
         if stride == 1:
-            ways |= {"stacked_xla_transpose": stacked(0), "stacked_matmul_transpose": stacked(10 ** 9)}
+            ways |= {"stacked_xla_transpose": stacked("xla"), "stacked_matmul_transpose": stacked("matmul")}
         else:
             ways["phases"] = lambda x_, dy_: kg.phase_kernel_gradient(x_, dy_, (3, 3, cin, cout), stride, 1)
         row = {"shape": [n, h, w, cin, cout], "stride": stride}

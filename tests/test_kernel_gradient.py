@@ -35,7 +35,8 @@ SHAPES = [(3, 5, 7, 2, 3, 3, 1), (2, 4, 4, 3, 2, 1, 0), (2, 6, 5, 2, 2, 3, 0), (
 @pytest.fixture(params=["matmul", "xla"])
 def transpose(request, monkeypatch):
     """Both ways the tall image is transposed: by a matmul (up to TRANSPOSE_BY_MATMUL_MAX_CHANNELS input channels)
-    and by XLA (above; here by setting the limit to 0)."""
+    and by XLA (above). Passed as `transpose=` where the test calls `stacked_kernel_gradient`; for the convolution
+    built on it, which takes the "auto" way, the limit is set to 0 for XLA's."""
     if request.param == "xla":
         monkeypatch.setattr(kernel_gradient_module, "TRANSPOSE_BY_MATMUL_MAX_CHANNELS", 0)
     return request.param
@@ -49,7 +50,7 @@ def test_matches_torch_in_float64(shape, transpose):
     probe = rng.normal(size=(n, h + 2 * padding - k + 1, w + 2 * padding - k + 1, cout))
     y_t, dx_t, dk_t = torch_conv(x, kernel, probe, padding)
     with jax.enable_x64(True):
-        dk = stacked_kernel_gradient(jnp.asarray(x), jnp.asarray(probe), (k, k), padding)
+        dk = stacked_kernel_gradient(jnp.asarray(x), jnp.asarray(probe), (k, k), padding, transpose)
         loss = lambda a, b: jnp.sum(conv2d_stacked_kernel_gradient(a, b, padding) * probe)  # noqa: E731
         y = conv2d_stacked_kernel_gradient(jnp.asarray(x), jnp.asarray(kernel), padding)
         dx, dk_vjp = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(kernel))
@@ -73,7 +74,7 @@ def test_float32_rounding_of_the_order_of_xlas(transpose):
         truth = np.asarray(xla_kernel_gradient(jnp.asarray(x), jnp.asarray(dy)))
     x32, dy32 = jnp.asarray(x, jnp.float32), jnp.asarray(dy, jnp.float32)
     err_xla = np.abs(np.asarray(xla_kernel_gradient(x32, dy32)) - truth).max()
-    err_stacked = np.abs(np.asarray(stacked_kernel_gradient(x32, dy32, (3, 3), 1)) - truth).max()
+    err_stacked = np.abs(np.asarray(stacked_kernel_gradient(x32, dy32, (3, 3), 1, transpose)) - truth).max()
     assert err_stacked <= 1e-5 * np.abs(truth).max(), (err_stacked, err_xla)
     assert err_stacked <= 4 * err_xla, (err_stacked, err_xla)
 
@@ -87,10 +88,17 @@ def test_dtype_of_the_input_and_of_the_kernel_kept():
 
 
 def test_the_transpose_is_a_matmul_up_to_the_limit(monkeypatch):
-    def jaxpr(cin):
+    def jaxpr(cin, transpose="auto"):
         x, dy = jnp.ones((2, 6, 5, cin)), jnp.ones((2, 6, 5, 3))
-        return str(jax.make_jaxpr(lambda a, b: stacked_kernel_gradient(a, b, (3, 3), 1))(x, dy))
+        return str(jax.make_jaxpr(lambda a, b: stacked_kernel_gradient(a, b, (3, 3), 1, transpose))(x, dy))
     limit = kernel_gradient_module.TRANSPOSE_BY_MATMUL_MAX_CHANNELS
     assert "dot_general" in jaxpr(limit) and "dot_general" not in jaxpr(limit + 1)
+    # chosen by name, whatever the channels
+    assert "dot_general" in jaxpr(limit + 1, "matmul") and "dot_general" not in jaxpr(1, "xla")
     monkeypatch.setattr(kernel_gradient_module, "TRANSPOSE_BY_MATMUL_MAX_CHANNELS", 0)
     assert "dot_general" not in jaxpr(1)
+
+
+def test_an_unknown_transpose_is_a_one_line_error():
+    with pytest.raises(ValueError, match=r"^transpose 'eigen' is not one of auto, matmul, xla$"):
+        stacked_kernel_gradient(jnp.ones((2, 6, 5, 2)), jnp.ones((2, 6, 5, 3)), (3, 3), 1, "eigen")

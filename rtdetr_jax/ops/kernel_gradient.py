@@ -32,11 +32,17 @@ from rtdetr_jax.ops.xla_conv import plain_conv2d, xla_input_gradient, xla_kernel
 
 
 TRANSPOSE_BY_MATMUL_MAX_CHANNELS = 64  # up to this many input channels, the tall image is transposed by a matmul
+TRANSPOSES = ("auto", "matmul", "xla")
 
 
-def stacked_kernel_gradient(x, dy, kernel_size: tuple[int, int], padding: int):
+def stacked_kernel_gradient(x, dy, kernel_size: tuple[int, int], padding: int, transpose: str = "auto"):
     """dL/dkernel of `plain_conv2d(x, kernel, 1, padding)` given dy = dL/dy: x (batch, H, W, in),
-    dy (batch, H + 2 * padding - kh + 1, W + 2 * padding - kw + 1, out) -> (kh, kw, in, out) in x's dtype."""
+    dy (batch, H + 2 * padding - kh + 1, W + 2 * padding - kw + 1, out) -> (kh, kw, in, out) in x's dtype.
+    `transpose`: how the tall image becomes channels-first, "matmul" (a product with the identity), "xla" (XLA's
+    own transpose inside its kernel gradient) or "auto" (the matmul up to `TRANSPOSE_BY_MATMUL_MAX_CHANNELS` input
+    channels, XLA's above); benchmarks and tests pick one to compare the two."""
+    if transpose not in TRANSPOSES:
+        raise ValueError(f"transpose {transpose!r} is not one of {', '.join(TRANSPOSES)}")
     n, h, w, cin = x.shape
     kh, kw = kernel_size
     if n == 0:  # an empty batch: no products, and no tall image to build
@@ -48,7 +54,7 @@ def stacked_kernel_gradient(x, dy, kernel_size: tuple[int, int], padding: int):
     # n * rows - kh + 1 rows, so the last image's zero rows are dropped
     dyp = jnp.pad(dy.astype(x.dtype), ((0, 0), (0, kh - 1), (0, 0), (0, 0)))
     dyp = dyp.reshape(1, n * rows, dy.shape[2], dy.shape[3])[:, :n * rows - kh + 1]
-    if cin <= TRANSPOSE_BY_MATMUL_MAX_CHANNELS:
+    if transpose == "matmul" or (transpose == "auto" and cin <= TRANSPOSE_BY_MATMUL_MAX_CHANNELS):
         return _tall_kernel_gradient_transposed_by_matmul(xp[0], dyp[0])
     return xla_kernel_gradient(xp, dyp, (kh, kw, cin, dy.shape[3]), 1, 0)
 
