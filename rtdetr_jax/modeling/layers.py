@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rtdetr_jax.ops import activations as ops_activations
 from rtdetr_jax.ops.batch_norm import batch_norm_train
 from rtdetr_jax.ops.conv import conv2d
 
@@ -30,11 +31,11 @@ def activation(name: str | None):
     if name is None or name == "identity":
         return lambda x: x
     table = {
-        "relu": jax.nn.relu,
+        "relu": ops_activations.relu,
         "gelu": lambda x: jax.nn.gelu(x, approximate=False),
         "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-        "silu": jax.nn.silu,
-        "swish": jax.nn.silu,
+        "silu": ops_activations.silu,
+        "swish": ops_activations.silu,
         "tanh": jnp.tanh,
         "sigmoid": jax.nn.sigmoid,
     }
@@ -139,7 +140,7 @@ class MLPPredictionHead(nn.Module):
             last = i == self.num_layers - 1
             x = dense(self.output_dim if last else self.hidden_dim, f"layers_{i}", self.dtype)(x)
             if not last:
-                x = jax.nn.relu(x)
+                x = ops_activations.relu(x)
         return x
 
 
@@ -168,6 +169,6 @@ class MultiheadSelfAttention(nn.Module):
         logits = jnp.einsum("bqhd,bkhd->bhqk", q * (head_dim**-0.5), k)
         if attention_mask is not None:
             logits = logits + attention_mask
-        weights = jax.nn.softmax(logits.astype(precise_dtype(self.dtype)), axis=-1).astype(v.dtype)
+        weights = ops_activations.softmax(logits.astype(precise_dtype(self.dtype)), -1).astype(v.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, n, d)
         return dense(d, "out_proj", self.dtype)(out)
