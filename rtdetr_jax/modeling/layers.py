@@ -27,7 +27,8 @@ def precise_dtype(dtype: Dtype):
 
 
 def activation(name: str | None):
-    """transformers' ACT2FN names -> jax functions (`gelu` is the exact erf form, as in PyTorch)."""
+    """transformers' ACT2FN names -> jax functions (`gelu` is the exact erf form, as in PyTorch); ReLU and SiLU
+    are ops/activations.py's, which keep one array each for the backward pass."""
     if name is None or name == "identity":
         return lambda x: x
     table = {
