@@ -52,59 +52,56 @@ def kind_of(kernel_shape, stride: int) -> str:
 
 
 @contextlib.contextmanager
-def convolutions_recorded(calls: collections.Counter):
-    """Within the block, every `conv2d` the detector's layers call is counted in `calls` by
-    (input shape, kernel shape, stride, padding)."""
+def conv2d_replaced(wrap):
+    """Within the block, the detector's layers call `wrap(conv2d)` instead of `conv2d` (ops/conv.py)."""
     import rtdetr_jax.modeling.layers as layers
 
     original = layers.conv2d
-
-    def recording(x, kernel, stride=1, padding=0):
-        calls[(tuple(x.shape), tuple(kernel.shape), stride, padding)] += 1
-        return original(x, kernel, stride, padding)
-
-    layers.conv2d = recording
+    layers.conv2d = wrap(original)
     try:
         yield
     finally:
         layers.conv2d = original
 
 
-@contextlib.contextmanager
-def kernel_gradients_dropped(kinds):
-    """Within the block, the detector's convolutions of `kinds` return zeros as their kernel gradient (their input
-    gradient and forward unchanged), so that the traced step computes no kernel gradient for them."""
+def recording(calls: collections.Counter):
+    """A `conv2d_replaced` wrapper that counts every call in `calls` by (input shape, kernel shape, stride,
+    padding)."""
+    def wrap(original):
+        def conv2d(x, kernel, stride=1, padding=0):
+            calls[(tuple(x.shape), tuple(kernel.shape), stride, padding)] += 1
+            return original(x, kernel, stride, padding)
+        return conv2d
+    return wrap
+
+
+def dropping_kernel_gradients(kinds):
+    """A `conv2d_replaced` wrapper under which the convolutions of `kinds` return zeros as their kernel gradient
+    (their forward and input gradient unchanged), so that the traced step computes no kernel gradient for them."""
     import jax
     import jax.numpy as jnp
 
-    import rtdetr_jax.modeling.layers as layers
+    def wrap(original):
+        @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+        def input_gradient_only(x, kernel, stride, padding):
+            return original(x, kernel, stride, padding)
 
-    original = layers.conv2d
+        def fwd(x, kernel, stride, padding):
+            return original(x, kernel, stride, padding), (x, kernel)
 
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-    def input_gradient_only(x, kernel, stride, padding):
-        return original(x, kernel, stride, padding)
+        def bwd(stride, padding, residuals, dy):
+            x, kernel = residuals
+            dx = jax.vjp(lambda v: original(v, kernel, stride, padding), x)[1](dy)[0]
+            return dx, jnp.zeros_like(kernel)
 
-    def fwd(x, kernel, stride, padding):
-        return original(x, kernel, stride, padding), (x, kernel)
+        input_gradient_only.defvjp(fwd, bwd)
 
-    def bwd(stride, padding, residuals, dy):
-        x, kernel = residuals
-        dx = jax.vjp(lambda v: original(v, kernel, stride, padding), x)[1](dy)[0]
-        return dx, jnp.zeros_like(kernel)
-
-    input_gradient_only.defvjp(fwd, bwd)
-
-    def conv2d(x, kernel, stride=1, padding=0):
-        if kind_of(kernel.shape, stride) in kinds:
-            return input_gradient_only(x, kernel, stride, padding)
-        return original(x, kernel, stride, padding)
-
-    layers.conv2d = conv2d
-    try:
-        yield
-    finally:
-        layers.conv2d = original
+        def conv2d(x, kernel, stride=1, padding=0):
+            if kind_of(kernel.shape, stride) in kinds:
+                return input_gradient_only(x, kernel, stride, padding)
+            return original(x, kernel, stride, padding)
+        return conv2d
+    return wrap
 
 
 def census(calls, iters: int) -> list[dict]:
@@ -175,7 +172,7 @@ def step_ablation(model, pixels, labels, rounds: int) -> dict:
     runs = {}
     for name, kinds in drops.items():
         steps, state, batch = our_train_step(model, pixels, labels)
-        with kernel_gradients_dropped(kinds):
+        with conv2d_replaced(dropping_kernel_gradients(kinds)):
             state, metrics = steps.train_step(state, *batch)  # traced and compiled here
             jax.block_until_ready(metrics)
         runs[name] = [steps, state, batch]
@@ -223,7 +220,7 @@ def main(argv=None) -> dict:
     model = fresh_model(config)
     steps, state, batch = our_train_step(model, pixels, labels)
     calls = collections.Counter()
-    with convolutions_recorded(calls):
+    with conv2d_replaced(recording(calls)):
         steps.train_step.lower(state, *batch)
     result = {"machine": machine_info(), "args": vars(args), "census": census(calls, args.iters)}
     if args.rounds > 0:
