@@ -208,6 +208,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=4, help="timed steps of each variant (table 2); 0 skips it")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "kernel_gradients_profile.json"))
     args = ap.parse_args(argv)
+    if args.iters < 1:
+        ap.error(f"--iters {args.iters}: at least 1 (each kernel gradient's median needs a call)")
+    if args.rounds < 0:
+        ap.error(f"--rounds {args.rounds}: 0 (skip the step table) or more")
     start_like_the_cli()
     import torch
 
