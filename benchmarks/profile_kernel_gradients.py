@@ -1,19 +1,23 @@
-"""How much of our training step the convolutions' kernel gradients take, and how ours compare with PyTorch's.
+"""How much of our training step the convolutions' gradients take, and how ours compare with PyTorch's.
 
     python benchmarks/profile_kernel_gradients.py [--preset r18vd] [--batch 4] [--size 640] [--iters 7] [--rounds 4]
 
-Two tables:
+Three tables:
 
 1. Every convolution of the training step (recorded while the step is traced), its kernel gradient alone:
    ours as `conv2d` (rtdetr_jax/ops/conv.py) computes it for that shape, jit-compiled, against PyTorch's
    (`torch.nn.grad.conv2d_weight`, oneDNN's on the CPU) on the same input and output gradient, alternating call by
    call in one process; the median time of each, its GFLOP/s (direct-convolution FLOPs) and PyTorch's time / ours.
    Sums per kind (3x3 stride 1, 1x1, strided).
-2. Our whole training step against the same step with the kernel gradients of one kind of convolution replaced by
+2. The same for their input gradients (`torch.nn.grad.conv2d_input`), except the first convolution's, whose input
+   is the pixels: the step does not compute that one.
+3. Our whole training step against the same step with the kernel gradients of one kind of convolution replaced by
    zeros (a `custom_vjp` around `conv2d` that returns only the input gradient, so XLA drops the kernel gradient and
    everything that feeds only it), all variants compiled in one process and their steps alternated round by round:
    what each kind costs inside the step, where the work overlaps with everything else. The loss and every other
-   gradient are unchanged; only the timing is of interest.
+   gradient are unchanged; only the timing is of interest. Without any kernel gradient, no backbone parameter
+   needs a gradient (its batch norms are frozen), so XLA also drops the backbone's input gradients; the variant
+   that keeps only the first convolution's kernel gradient (~50 ms alone) keeps them, and tells the two apart.
 
 Writes benchmarks/results/kernel_gradients_profile.json.
 """
@@ -42,7 +46,9 @@ from common import (  # noqa: E402
 
 KINDS = ("3x3 stride 1", "1x1", "strided")
 VARIANTS = ("step", "without 3x3 stride-1 kernel gradients", "without 1x1 kernel gradients",
-            "without strided kernel gradients", "without any convolution kernel gradient")
+            "without strided kernel gradients", "without any convolution kernel gradient",
+            "without any kernel gradient but the first convolution's")
+GRADIENTS = ("kernel", "input")
 
 
 def kind_of(kernel_shape, stride: int) -> str:
@@ -75,9 +81,10 @@ def recording(calls: collections.Counter):
     return wrap
 
 
-def dropping_kernel_gradients(kinds):
+def dropping_kernel_gradients(kinds, keep_input_shape=None):
     """A `conv2d_replaced` wrapper under which the convolutions of `kinds` return zeros as their kernel gradient
-    (their forward and input gradient unchanged), so that the traced step computes no kernel gradient for them."""
+    (their forward and input gradient unchanged), so that the traced step computes no kernel gradient for them;
+    a convolution whose input has the shape `keep_input_shape` keeps its kernel gradient."""
     import jax
     import jax.numpy as jnp
 
@@ -97,15 +104,16 @@ def dropping_kernel_gradients(kinds):
         input_gradient_only.defvjp(fwd, bwd)
 
         def conv2d(x, kernel, stride=1, padding=0):
-            if kind_of(kernel.shape, stride) in kinds:
+            if kind_of(kernel.shape, stride) in kinds and tuple(x.shape) != keep_input_shape:
                 return input_gradient_only(x, kernel, stride, padding)
             return original(x, kernel, stride, padding)
         return conv2d
     return wrap
 
 
-def census(calls, iters: int) -> list[dict]:
-    """Table 1: each recorded convolution's kernel gradient, ours against PyTorch's."""
+def census(calls, iters: int, gradient: str = "kernel", skip_input_shape=None) -> list[dict]:
+    """Tables 1 and 2: each recorded convolution's kernel (or input) gradient, ours against PyTorch's; convolutions
+    whose input has the shape `skip_input_shape` are left out."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -113,28 +121,46 @@ def census(calls, iters: int) -> list[dict]:
 
     import rtdetr_jax.ops.conv as conv
 
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient {gradient!r} is not one of {', '.join(GRADIENTS)}")
     rng = np.random.default_rng(0)
     rows = []
-    print("| kernel gradient of | count | ours | PyTorch's | PyTorch's / ours | ours, GFLOP/s |")
+    print(f"\n| {gradient} gradient of | count | ours | PyTorch's | PyTorch's / ours | ours, GFLOP/s |")
     print("|---|---|---|---|---|---|")
     for (xs, ks, stride, padding), count in sorted(calls.items(), key=lambda kv: (KINDS.index(
             kind_of(kv[0][1], kv[0][2])), -kv[0][0][1], kv[0][1][2])):
+        if xs == skip_input_shape:
+            continue
         x = rng.standard_normal(xs, np.float32)
         y_shape = jax.eval_shape(lambda a, k: conv.conv2d(a, k, stride, padding), jax.ShapeDtypeStruct(xs, jnp.float32),
                                  jax.ShapeDtypeStruct(ks, jnp.float32)).shape
         dy = rng.standard_normal(y_shape, np.float32)
-        ours = jax.jit(lambda a, d: jax.vjp(lambda k: conv.conv2d(a, k, stride, padding),
-                                            jnp.zeros(ks, jnp.float32))[1](d)[0])
-        jx, jdy = jnp.asarray(x), jnp.asarray(dy)
-        tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
         tdy = torch.from_numpy(dy.transpose(0, 3, 1, 2).copy())
-        weight_size = (ks[3], ks[2], ks[0], ks[1])
+        jdy = jnp.asarray(dy)
+        if gradient == "kernel":
+            ours = jax.jit(lambda a, d: jax.vjp(lambda k: conv.conv2d(a, k, stride, padding),
+                                                jnp.zeros(ks, jnp.float32))[1](d)[0])
+            jx = jnp.asarray(x)  # the convolution's input
+            tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+            weight_size = (ks[3], ks[2], ks[0], ks[1])
 
-        def theirs():
-            return torch.nn.grad.conv2d_weight(tx, weight_size, tdy, stride=stride, padding=padding)
+            def theirs():
+                return torch.nn.grad.conv2d_weight(tx, weight_size, tdy, stride=stride, padding=padding)
+            layout = (2, 3, 1, 0)  # OIHW -> HWIO
+        else:
+            kernel = (rng.standard_normal(ks, np.float32) / np.sqrt(ks[0] * ks[1] * ks[2])).astype(np.float32)
+            ours = jax.jit(lambda k, d: jax.vjp(lambda a: conv.conv2d(a, k, stride, padding),
+                                                jnp.zeros(xs, jnp.float32))[1](d)[0])
+            jx = jnp.asarray(kernel)  # the kernel, the operand besides dy
+            tk = torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy())
+            input_size = (xs[0], xs[3], xs[1], xs[2])
+
+            def theirs():
+                return torch.nn.grad.conv2d_input(input_size, tk, tdy, stride=stride, padding=padding)
+            layout = (0, 2, 3, 1)  # NCHW -> NHWC
 
         got = np.asarray(ours(jx, jdy))
-        ref = theirs().numpy().transpose(2, 3, 1, 0)
+        ref = theirs().numpy().transpose(*layout)
         rel = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
         t_ours, t_theirs = [], []
         for i in range(iters):
@@ -147,6 +173,8 @@ def census(calls, iters: int) -> list[dict]:
         row = {"input": list(xs), "kernel": list(ks), "stride": stride, "padding": padding, "count": count,
                "kind": kind_of(ks, stride), "gflop": gflop, "ours_s": ours_s, "torch_s": theirs_s,
                "relative_difference": rel}
+        if gradient == "input":
+            row["gradient"] = "input"
         rows.append(row)
         print(f"| {xs} -> {ks[3]}, {ks[0]}x{ks[1]}/{stride} | {count} | {ours_s * 1e3:.1f} ms | "
               f"{theirs_s * 1e3:.1f} ms | {theirs_s / ours_s:.2f} | {gflop / ours_s:.0f} |", flush=True)
@@ -159,20 +187,21 @@ def census(calls, iters: int) -> list[dict]:
         g = sum(r["count"] * r["gflop"] for r in sel)
         print(f"| {kind} | {g:.1f} | {o * 1e3:.0f} ms | {t * 1e3:.0f} ms | {t / o:.2f} |")
     worst = max(r["relative_difference"] for r in rows)
-    print(f"(largest relative difference between the two kernel gradients: {worst:.1e})")
+    print(f"(largest relative difference between the two {gradient} gradients: {worst:.1e})")
     return rows
 
 
 def step_ablation(model, pixels, labels, rounds: int) -> dict:
-    """Table 2: the step and its variants without some kernel gradients, alternated round by round."""
+    """Table 3: the step and its variants without some kernel gradients, alternated round by round."""
     import jax
 
-    drops = {VARIANTS[0]: (), VARIANTS[1]: ("3x3 stride 1",), VARIANTS[2]: ("1x1",), VARIANTS[3]: ("strided",),
-             VARIANTS[4]: KINDS}
+    first = tuple(pixels.transpose(0, 2, 3, 1).shape)  # the first convolution's input: the pixels, NHWC
+    drops = {VARIANTS[0]: ((), None), VARIANTS[1]: (("3x3 stride 1",), None), VARIANTS[2]: (("1x1",), None),
+             VARIANTS[3]: (("strided",), None), VARIANTS[4]: (KINDS, None), VARIANTS[5]: (KINDS, first)}
     runs = {}
-    for name, kinds in drops.items():
+    for name, (kinds, keep) in drops.items():
         steps, state, batch = our_train_step(model, pixels, labels)
-        with conv2d_replaced(dropping_kernel_gradients(kinds)):
+        with conv2d_replaced(dropping_kernel_gradients(kinds, keep)):
             state, metrics = steps.train_step(state, *batch)  # traced and compiled here
             jax.block_until_ready(metrics)
         runs[name] = [steps, state, batch]
@@ -226,7 +255,9 @@ def main(argv=None) -> dict:
     calls = collections.Counter()
     with conv2d_replaced(recording(calls)):
         steps.train_step.lower(state, *batch)
-    result = {"machine": machine_info(), "args": vars(args), "census": census(calls, args.iters)}
+    first = tuple(pixels.transpose(0, 2, 3, 1).shape)  # the pixels, NHWC: no input gradient in the step
+    result = {"machine": machine_info(), "args": vars(args), "census": census(calls, args.iters),
+              "input_census": census(calls, args.iters, "input", skip_input_shape=first)}
     if args.rounds > 0:
         result["step"] = step_ablation(model, pixels, labels, args.rounds)
     write_result(args.out, result)
