@@ -17,7 +17,7 @@ Three tables:
    what each kind costs inside the step, where the work overlaps with everything else. The loss and every other
    gradient are unchanged; only the timing is of interest. Without any kernel gradient, no backbone parameter
    needs a gradient (its batch norms are frozen), so XLA also drops the backbone's input gradients; the variant
-   that keeps only the first convolution's kernel gradient (~50 ms alone) keeps them, and tells the two apart.
+   that keeps only the first convolution's kernel gradient (55-70 ms alone) keeps them, and tells the two apart.
 
 Writes benchmarks/results/kernel_gradients_profile.json.
 """
@@ -49,6 +49,11 @@ VARIANTS = ("step", "without 3x3 stride-1 kernel gradients", "without 1x1 kernel
             "without strided kernel gradients", "without any convolution kernel gradient",
             "without any kernel gradient but the first convolution's")
 GRADIENTS = ("kernel", "input")
+
+
+def first_convolution_input(pixels) -> tuple:
+    """The shape of the first convolution's input: the (batch, 3, H, W) pixels in our NHWC layout."""
+    return tuple(pixels.transpose(0, 2, 3, 1).shape)
 
 
 def kind_of(kernel_shape, stride: int) -> str:
@@ -172,9 +177,7 @@ def census(calls, iters: int, gradient: str = "kernel", skip_input_shape=None) -
         gflop = 2 * float(np.prod(y_shape[:3])) * ks[0] * ks[1] * ks[2] * ks[3] / 1e9
         row = {"input": list(xs), "kernel": list(ks), "stride": stride, "padding": padding, "count": count,
                "kind": kind_of(ks, stride), "gflop": gflop, "ours_s": ours_s, "torch_s": theirs_s,
-               "relative_difference": rel}
-        if gradient == "input":
-            row["gradient"] = "input"
+               "relative_difference": rel, "gradient": gradient}
         rows.append(row)
         print(f"| {xs} -> {ks[3]}, {ks[0]}x{ks[1]}/{stride} | {count} | {ours_s * 1e3:.1f} ms | "
               f"{theirs_s * 1e3:.1f} ms | {theirs_s / ours_s:.2f} | {gflop / ours_s:.0f} |", flush=True)
@@ -195,7 +198,7 @@ def step_ablation(model, pixels, labels, rounds: int) -> dict:
     """Table 3: the step and its variants without some kernel gradients, alternated round by round."""
     import jax
 
-    first = tuple(pixels.transpose(0, 2, 3, 1).shape)  # the first convolution's input: the pixels, NHWC
+    first = first_convolution_input(pixels)
     drops = {VARIANTS[0]: ((), None), VARIANTS[1]: (("3x3 stride 1",), None), VARIANTS[2]: (("1x1",), None),
              VARIANTS[3]: (("strided",), None), VARIANTS[4]: (KINDS, None), VARIANTS[5]: (KINDS, first)}
     runs = {}
@@ -233,12 +236,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--preset", default="r18vd")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--size", type=int, default=640)
-    ap.add_argument("--iters", type=int, default=7, help="calls of each kernel gradient, alternating (table 1)")
-    ap.add_argument("--rounds", type=int, default=4, help="timed steps of each variant (table 2); 0 skips it")
+    ap.add_argument("--iters", type=int, default=7, help="calls of each gradient, alternating (tables 1 and 2)")
+    ap.add_argument("--rounds", type=int, default=4, help="timed steps of each variant (table 3); 0 skips it")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "kernel_gradients_profile.json"))
     args = ap.parse_args(argv)
     if args.iters < 1:
-        ap.error(f"--iters {args.iters}: at least 1 (each kernel gradient's median needs a call)")
+        ap.error(f"--iters {args.iters}: at least 1 (each gradient's median needs a call)")
     if args.rounds < 0:
         ap.error(f"--rounds {args.rounds}: 0 (skip the step table) or more")
     start_like_the_cli()
@@ -255,9 +258,9 @@ def main(argv=None) -> dict:
     calls = collections.Counter()
     with conv2d_replaced(recording(calls)):
         steps.train_step.lower(state, *batch)
-    first = tuple(pixels.transpose(0, 2, 3, 1).shape)  # the pixels, NHWC: no input gradient in the step
     result = {"machine": machine_info(), "args": vars(args), "census": census(calls, args.iters),
-              "input_census": census(calls, args.iters, "input", skip_input_shape=first)}
+              # the first convolution's input is the pixels: the step computes no input gradient for it
+              "input_census": census(calls, args.iters, "input", first_convolution_input(pixels))}
     if args.rounds > 0:
         result["step"] = step_ablation(model, pixels, labels, args.rounds)
     write_result(args.out, result)
