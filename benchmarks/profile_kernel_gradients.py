@@ -136,16 +136,16 @@ def census(calls, iters: int, gradient: str = "kernel", skip_input_shape=None) -
             kind_of(kv[0][1], kv[0][2])), -kv[0][0][1], kv[0][1][2])):
         if xs == skip_input_shape:
             continue
-        x = rng.standard_normal(xs, np.float32)
         y_shape = jax.eval_shape(lambda a, k: conv.conv2d(a, k, stride, padding), jax.ShapeDtypeStruct(xs, jnp.float32),
                                  jax.ShapeDtypeStruct(ks, jnp.float32)).shape
         dy = rng.standard_normal(y_shape, np.float32)
         tdy = torch.from_numpy(dy.transpose(0, 3, 1, 2).copy())
         jdy = jnp.asarray(dy)
         if gradient == "kernel":
+            x = rng.standard_normal(xs, np.float32)  # the convolution's input
             ours = jax.jit(lambda a, d: jax.vjp(lambda k: conv.conv2d(a, k, stride, padding),
                                                 jnp.zeros(ks, jnp.float32))[1](d)[0])
-            jx = jnp.asarray(x)  # the convolution's input
+            jx = jnp.asarray(x)
             tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
             weight_size = (ks[3], ks[2], ks[0], ks[1])
 
