@@ -21,7 +21,8 @@ float32 means float32 arithmetic on both sides: jax's default matmul precision i
 PyTorch's TF32 switches off (`torch.backends.cuda.matmul.allow_tf32`, `torch.backends.cudnn.allow_tf32`), since
 both frameworks would otherwise use TF32 on Ampere and later GPUs. `--dtype tf32` measures that mode (both on).
 bfloat16: ours computes in bfloat16 with float32 parameters; PyTorch runs under
-`torch.autocast(dtype=torch.bfloat16)`, its usual mixed precision.
+`torch.autocast(dtype=torch.bfloat16)`, its usual mixed precision; what stays in float32 uses each framework's
+default precision.
 
 bfloat16 accuracy, per preset and side, at the first batch size: each output query is paired with one float32
 query of the same image (Hungarian assignment on the max |difference| of (boxes, class probabilities)), and the
@@ -79,14 +80,15 @@ def build_checkpoint(folder: str, preset: str, seed: int = 0):
 
 
 def set_precision(dtype: str) -> None:
-    """float32 arithmetic for "float32" on both sides, TF32 for "tf32" (bfloat16 rows are not affected)."""
+    """float32 arithmetic for "float32" on both sides, TF32 for "tf32"; for "bfloat16" each framework's defaults
+    (for the operations that stay in float32 there)."""
     import jax
     import torch
 
-    tf32 = dtype == "tf32"
-    jax.config.update("jax_default_matmul_precision", "tensorfloat32" if tf32 else "highest")
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
+    precision = {"float32": "highest", "tf32": "tensorfloat32", "bfloat16": None}[dtype]
+    jax.config.update("jax_default_matmul_precision", precision)
+    torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"  # PyTorch's default: off
+    torch.backends.cudnn.allow_tf32 = dtype != "float32"  # PyTorch's default: on
 
 
 def torch_forward_fn(model, x, dtype: str, device_type: str):
