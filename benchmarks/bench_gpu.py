@@ -19,15 +19,16 @@ queries are not near-identical and the bfloat16 comparison is not decided by tie
 
 float32 means float32 arithmetic on both sides: jax's default matmul precision is set to "highest" and
 PyTorch's TF32 switches off (`torch.backends.cuda.matmul.allow_tf32`, `torch.backends.cudnn.allow_tf32`), since
-both frameworks would otherwise use TF32 on Ampere and later GPUs. `--dtype tf32` measures that mode (both on).
+both frameworks would otherwise use TF32 on Ampere and later GPUs. `--dtypes tf32` measures that mode (both on).
 bfloat16: ours computes in bfloat16 with float32 parameters; PyTorch runs under
 `torch.autocast(dtype=torch.bfloat16)`, its usual mixed precision; what stays in float32 uses each framework's
 default precision.
 
 bfloat16 accuracy, per preset and side, at the first batch size: each output query is paired with one float32
 query of the same image (Hungarian assignment on the max |difference| of (boxes, class probabilities)), and the
-largest and mean |difference| over the pairs are reported, along with how many images' k-th and (k+1)-th float32
-encoder scores lie closer than the bfloat16 error seen there (there the two may select different queries).
+largest, the mean and the 99th percentile of the pairs' |difference| are reported with the share of pairs within
+0.01 and 0.05, along with how many images' k-th and (k+1)-th float32 encoder scores lie closer than the bfloat16
+error seen there (there the two may select different queries).
 
 Rows are printed as they finish and the JSON (default benchmarks/results/gpu.json) is rewritten after each, so
 that a run stopped by its time limit keeps what it measured. A row whose side fails (e.g. an out-of-memory batch)
@@ -89,6 +90,22 @@ def set_precision(dtype: str) -> None:
     jax.config.update("jax_default_matmul_precision", precision)
     torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"  # PyTorch's default: off
     torch.backends.cudnn.allow_tf32 = dtype != "float32"  # PyTorch's default: on
+
+
+@contextlib.contextmanager
+def _precision_restored():
+    """Put back jax's default matmul precision and PyTorch's TF32 switches as they were (`set_precision` changes
+    them process-wide)."""
+    import jax
+    import torch
+
+    saved = (jax.config.jax_default_matmul_precision, torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.allow_tf32)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_default_matmul_precision", saved[0])
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[1:]
 
 
 def torch_forward_fn(model, x, dtype: str, device_type: str):
@@ -196,7 +213,7 @@ def main(argv=None) -> dict:
         write_result(args.out, result)
 
     outputs, torch_models = {}, {}
-    with jax.default_device(jax_device):
+    with jax.default_device(jax_device), _precision_restored():
         for preset in args.presets:
             try:
                 check_budget(f"{preset} (every row)")

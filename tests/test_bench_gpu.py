@@ -84,3 +84,19 @@ def test_bad_arguments_are_one_line_errors(argv, message, capsys):
 def test_no_gpu_is_a_one_line_error():
     with pytest.raises(SystemExit, match="jax sees no gpu device .*; --device cpu for a smoke run"):
         bench_gpu.main(["--device", "gpu"])
+
+
+def test_precision_settings_are_put_back():
+    import jax
+    import torch
+
+    before = (jax.config.jax_default_matmul_precision, torch.backends.cuda.matmul.allow_tf32,
+              torch.backends.cudnn.allow_tf32)
+    with bench_gpu._precision_restored():
+        bench_gpu.set_precision("float32")
+        assert jax.config.jax_default_matmul_precision == "highest"
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        bench_gpu.set_precision("tf32")
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert (jax.config.jax_default_matmul_precision, torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32) == before
