@@ -7,9 +7,9 @@ bfloat16 moves each side's outputs from its own float32 ones.
     python benchmarks/bench_gpu.py --device cpu --presets tiny --size 128 --batches 1 2 --iters 2 \\
         --torch-compile-backend eager                               # a smoke run on the CPU
 
-What is run, per preset (random weights: our seeded initialisation, saved as a transformers checkpoint, every
-parameter perturbed by N(0, 0.1) and the batch-norm statistics calibrated, as the parity tests do, so that
-queries are not near-identical and the bfloat16 comparison is not decided by ties):
+What is run, per preset (random weights, made as the parity tests make theirs: transformers' seeded
+initialisation, every parameter perturbed by N(0, 0.1) and the batch-norm statistics calibrated, so that queries
+are not near-identical and the bfloat16 comparison is not decided by ties):
 
 1. for each dtype and batch: our forward (`RTDetrV2ForObjectDetection.from_pretrained(..., dtype=...)`, input
    already on the device) and transformers' eager forward, timed alternately (`common.paired_times`), median of
@@ -53,7 +53,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
-from common import machine_info, paired_times, scratch_dir, write_result  # noqa: E402
+from common import machine_info, paired_query_differences, paired_times, scratch_dir, write_result  # noqa: E402
 
 DTYPES = ("float32", "tf32", "bfloat16")
 DEVICES = {"gpu": "cuda", "cpu": "cpu"}  # jax platform -> torch device type
@@ -64,20 +64,15 @@ class BudgetSpent(Exception):
 
 
 def build_checkpoint(folder: str, preset: str, seed: int = 0):
-    """Our seeded model saved as a transformers checkpoint, perturbed and calibrated in transformers (as the
-    parity tests' `build_reference` does), saved again; returns the torch model (CPU, eval mode)."""
-    from conftest import calibrate_batch_norms_, perturb_
-    from images import synthetic_batch
-    from transformers import RTDetrV2ForObjectDetection as TorchModel
+    """A transformers checkpoint of `preset` in `folder`, made as the parity tests' `build_reference` makes theirs
+    (seeded, perturbed, batch norms calibrated); returns the torch model (CPU, eval mode)."""
+    from conftest import build_reference
+    from transformers import RTDetrV2Config as TorchConfig
 
-    from rtdetr_jax import RTDetrV2Config, RTDetrV2ForObjectDetection
+    from rtdetr_jax import RTDetrV2Config
 
-    RTDetrV2ForObjectDetection(RTDetrV2Config.from_preset(preset), seed=seed).save_pretrained(folder)
-    reference = TorchModel.from_pretrained(folder).eval()
-    perturb_(reference, seed)
-    calibrate_batch_norms_(reference, synthetic_batch(2, 128, 160, seed=seed + 100))
-    reference.save_pretrained(folder)
-    return reference
+    RTDetrV2Config.from_preset(preset).save_pretrained(folder)
+    return build_reference(folder, TorchConfig.from_pretrained(folder), seed)
 
 
 def set_precision(dtype: str) -> None:
@@ -109,7 +104,8 @@ def _precision_restored():
 
 
 def torch_forward_fn(model, x, dtype: str, device_type: str):
-    """A no-grad forward returning (pred_boxes, logits) as float32 tensors, synchronised with the device."""
+    """A no-grad forward of `model` on `x` (under bfloat16 autocast for "bfloat16") that waits for the device and
+    returns the model's output."""
     import torch
 
     def forward():
@@ -142,16 +138,13 @@ def query_matched_error(reduced: dict, full: dict, num_queries: int) -> dict:
     the share of pairs whose largest is within 0.01 and 0.05; and how many images have a k-th/(k+1)-th
     encoder-score gap below their largest encoder-score error (there the two may select different queries, and
     a few pairs then differ by much more than rounding)."""
-    from scipy.optimize import linear_sum_assignment
-
     per_query, means, close = [], [], 0
     for i in range(full["boxes"].shape[0]):
-        a = np.concatenate([reduced["boxes"][i], reduced["probs"][i]], -1)
-        b = np.concatenate([full["boxes"][i], full["probs"][i]], -1)
-        cost = np.max(np.abs(a[:, None] - b[None]), -1)  # (queries, queries)
-        rows, cols = linear_sum_assignment(cost)
-        per_query.append(cost[rows, cols])
-        means.append(float(np.abs(a[rows] - b[cols]).mean()))
+        pair_max, differences = paired_query_differences(
+            np.concatenate([reduced["boxes"][i], reduced["probs"][i]], -1),
+            np.concatenate([full["boxes"][i], full["probs"][i]], -1))
+        per_query.append(pair_max)
+        means.append(float(differences.mean()))
         score_error = float(np.abs(reduced["enc_scores"][i] - full["enc_scores"][i]).max())
         ranked = np.sort(full["enc_scores"][i])[::-1]
         close += int(ranked[num_queries - 1] - ranked[num_queries] < score_error)

@@ -30,7 +30,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
-from common import machine_info, scratch_dir, paired_times, run_json_child, start_like_the_cli, write_result  # noqa: E402
+from common import (machine_info, paired_query_differences, paired_times, run_json_child, scratch_dir,  # noqa: E402
+                    start_like_the_cli, write_result)
 
 
 def _proc_status_kb(field: str) -> int:
@@ -94,8 +95,6 @@ def compare_outputs(ours, theirs, num_queries: int) -> dict:
     decoder's query order follows the encoder's top-k, which float noise may reorder among near-tied scores).
     Images whose k-th and (k+1)-th encoder scores are closer than 1e-4 select different queries, so they are
     counted, not compared."""
-    from scipy.optimize import linear_sum_assignment
-
     worst, ties = 0.0, 0
     for i in range(ours.logits.shape[0]):
         scores = np.sort(np.asarray(ours.enc_outputs_class[i]).max(-1))[::-1]
@@ -104,9 +103,7 @@ def compare_outputs(ours, theirs, num_queries: int) -> dict:
             continue
         a = np.concatenate([np.asarray(ours.pred_boxes[i]), np.asarray(ours.logits[i])], -1)
         b = np.concatenate([theirs.pred_boxes[i].numpy(), theirs.logits[i].numpy()], -1)
-        cost = np.max(np.abs(a[:, None] - b[None]), -1)
-        rows, cols = linear_sum_assignment(cost)
-        worst = max(worst, float(cost[rows, cols].max()))
+        worst = max(worst, float(paired_query_differences(a, b)[0].max()))
     return {"max_abs_diff_boxes_logits_query_matched": worst, "images_with_topk_ties_not_compared": ties}
 
 

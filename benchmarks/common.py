@@ -95,6 +95,19 @@ def torch_train_step(folder: str, pixels, labels):
     return reference, x, targets, step
 
 
+def paired_query_differences(a, b):
+    """a, b: (queries, features) of one image from two runs, whose query order may differ (the decoder's follows
+    the encoder's top-k, which float noise may reorder among near-tied scores). Each query of `a` is paired with one
+    of `b` by a Hungarian assignment on the largest |difference| over the features. Returns (each pair's largest
+    |difference| (queries,), the pairs' |differences| (queries, features))."""
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
+    cost = np.max(np.abs(a[:, None] - b[None]), -1)  # (queries, queries)
+    rows, cols = linear_sum_assignment(cost)
+    return cost[rows, cols], np.abs(a[rows] - b[cols])
+
+
 def write_result(path: str, result: dict) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as fh:
