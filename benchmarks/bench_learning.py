@@ -65,6 +65,8 @@ def main(argv=None) -> dict:
         "eval": summary["eval"],
     }
     if not args.no_bfloat16:
+        # float32 again, not summary["eval"]: both dtypes then take the same path (the exported folder, loaded and
+        # evaluated), and float32's equality with training's own evaluation checks that path
         by_dtype = {dtype: evaluate_model(summary["model_dir"], data, dtype=dtype, batch_size=args.batch_size,
                                           progress=False)
                     for dtype in ("float32", "bfloat16")}
