@@ -157,9 +157,11 @@ def query_matched_error(reduced: dict, full: dict, num_queries: int) -> dict:
 
 
 def main(argv=None) -> dict:
+    from rtdetr_jax.config import PRESETS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=sorted(DEVICES), default="gpu", help="jax platform (torch: cuda/cpu)")
-    parser.add_argument("--presets", nargs="+", default=["r18vd", "r50vd"])
+    parser.add_argument("--presets", nargs="+", choices=sorted(PRESETS), default=["r18vd", "r50vd"])
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=["float32", "bfloat16"])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--size", type=int, default=640, help="input height and width")
@@ -214,7 +216,7 @@ def main(argv=None) -> dict:
                 continue
             folder = scratch_dir(f"rtdetr-gpu-{preset}-")
             reference = build_checkpoint(folder, preset).to(device_type)
-            torch_models[preset] = (folder, reference)
+            torch_models[preset] = reference
             for dtype in args.dtypes:
                 set_precision(dtype)
                 ours = RTDetrV2ForObjectDetection.from_pretrained(folder, dtype="bfloat16" if dtype == "bfloat16"
@@ -253,8 +255,7 @@ def main(argv=None) -> dict:
             save()
 
         if not args.no_torch_compile:
-            for preset in torch_models:
-                folder, reference = torch_models[preset]
+            for preset, reference in torch_models.items():
                 compiled = torch.compile(reference, dynamic=False, backend=args.torch_compile_backend)
                 for dtype in args.dtypes:
                     set_precision(dtype)

@@ -74,6 +74,7 @@ def test_spent_budget_runs_nothing_and_says_so(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--iters", "0"], "--iters 0: need at least 1 timed call"),
     (["--batches", "1", "0"], "--batches [1, 0]: every batch size must be at least 1"),
+    (["--presets", "nosuch"], "argument --presets: invalid choice: 'nosuch'"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit):
