@@ -35,12 +35,29 @@ def scratch_dir(prefix: str) -> str:
     return path
 
 
+def cpu_info() -> dict:
+    """The CPU's model name, family and model numbers and its widest vector extension (Linux; {} elsewhere): the
+    development machine changed from AVX2 to AVX-512 between sessions, which moves every time."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            first = fh.read().split("\n\n")[0]
+    except OSError:
+        return {}
+    fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    vector = next((name for name in ("avx512f", "avx2", "avx", "sse4_2") if name in flags), "")
+    return {"cpu": fields.get("model name", ""), "cpu_family": fields.get("cpu family", ""),
+            "cpu_model": fields.get("model", ""), "vector": vector}
+
+
 def machine_info() -> dict:
     import jax
 
     return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "devices": str(jax.devices()), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-            "ld_preload": os.environ.get("LD_PRELOAD", "")}
+            **cpu_info(), "devices": str(jax.devices()), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+            "ld_preload": os.environ.get("LD_PRELOAD", ""),
+            "tcmalloc_max_total_thread_cache_bytes": os.environ.get("TCMALLOC_MAX_TOTAL_THREAD_CACHE_BYTES", "")}
 
 
 def synthetic_detection_batch(batch: int, size: int, num_labels: int, seed: int = 0):

@@ -14,6 +14,8 @@ from rtdetr_jax.host_memory import (
     MARKER,
     SWITCH,
     TCMALLOC_NAMES,
+    THREAD_CACHE_BYTES,
+    THREAD_CACHE_VAR,
     TUNABLE,
     find_tcmalloc,
     glibc_supports_hugetlb,
@@ -33,16 +35,48 @@ BAD_SWITCH = r"RTDETR_JAX_MALLOC='maybe': use 'on' \(the default\), 'glibc' or '
 
 
 def _clean_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in (MARKER, SWITCH, "GLIBC_TUNABLES", "LD_PRELOAD")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in (MARKER, SWITCH, "GLIBC_TUNABLES", "LD_PRELOAD", THREAD_CACHE_VAR)}
     return {**env, **extra}
 
 
+TCMALLOC_ENV = {"LD_PRELOAD": FAKE_TCMALLOC, THREAD_CACHE_VAR: "4194304"}
+
+
 def test_tcmalloc_preloaded_by_default_where_found():
-    assert malloc_env({}, supported=True, tcmalloc=FAKE_TCMALLOC) == {"LD_PRELOAD": FAKE_TCMALLOC}
-    assert malloc_env({SWITCH: " ON "}, supported=False, tcmalloc=FAKE_TCMALLOC) == {"LD_PRELOAD": FAKE_TCMALLOC}
+    assert malloc_env({}, supported=True, tcmalloc=FAKE_TCMALLOC) == TCMALLOC_ENV
+    assert malloc_env({SWITCH: " ON "}, supported=False, tcmalloc=FAKE_TCMALLOC) == TCMALLOC_ENV
     # the user's other tunables do not keep tcmalloc out, and are left as they are
     assert malloc_env({"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX512F"}, supported=True,
-                      tcmalloc=FAKE_TCMALLOC) == {"LD_PRELOAD": FAKE_TCMALLOC}
+                      tcmalloc=FAKE_TCMALLOC) == TCMALLOC_ENV
+
+
+def test_users_own_thread_cache_size_is_kept():
+    assert malloc_env({THREAD_CACHE_VAR: "67108864"}, supported=True, tcmalloc=FAKE_TCMALLOC) == {
+        "LD_PRELOAD": FAKE_TCMALLOC}
+    assert THREAD_CACHE_BYTES == 4 * 1024 * 1024
+
+
+# the thread-cache cap tcmalloc runs with, as it reports it
+_THREAD_CACHE_PROBE = (
+    "import ctypes; lib = ctypes.CDLL(None); value = ctypes.c_size_t(0); "
+    "lib.MallocExtension_GetNumericProperty.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_size_t)]; "
+    "assert lib.MallocExtension_GetNumericProperty(b'tcmalloc.max_total_thread_cache_bytes', ctypes.byref(value)); "
+    "print(value.value)"
+)
+
+
+@needs_tcmalloc
+def test_tcmalloc_takes_the_thread_cache_cap_from_the_environment():
+    def cap(**extra):
+        done = subprocess.run([sys.executable, "-c", _THREAD_CACHE_PROBE], capture_output=True, text=True,
+                              env=_clean_env(LD_PRELOAD=TCMALLOC, **extra))
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout)
+
+    default = cap()
+    capped = cap(**{k: v for k, v in malloc_env({}, supported=True, tcmalloc=TCMALLOC).items() if k != "LD_PRELOAD"})
+    assert capped == THREAD_CACHE_BYTES < default, (capped, default)
 
 
 def test_tunable_added_without_tcmalloc_or_when_glibc_is_chosen():
@@ -132,7 +166,8 @@ def test_cli_rejects_bad_switch_value():
 _PROBE = (
     "import os, sys; "
     "print('RUN', os.environ.get('GLIBC_TUNABLES'), os.environ.get('LD_PRELOAD'), "
-    "os.environ.get('RTDETR_JAX_MALLOC_APPLIED'), flush=True); "
+    "os.environ.get('RTDETR_JAX_MALLOC_APPLIED'), os.environ.get('TCMALLOC_MAX_TOTAL_THREAD_CACHE_BYTES'), "
+    "flush=True); "
     "sys.argv = ['rtdetr-jax', '--help']; "
     "from rtdetr_jax.cli import entry; sys.exit(entry())"
 )
@@ -148,21 +183,21 @@ def _probe_runs(env):
 def test_cli_reexecutes_itself_once_with_the_default_malloc():
     """tcmalloc where this machine has it, else glibc's tunable where glibc supports it, else nothing."""
     if TCMALLOC is not None:
-        assert _probe_runs(_clean_env()) == ["RUN None None None", f"RUN None {TCMALLOC} 1"]
+        assert _probe_runs(_clean_env()) == ["RUN None None None None", f"RUN None {TCMALLOC} 1 4194304"]
     elif SUPPORTED:
-        assert _probe_runs(_clean_env()) == ["RUN None None None", f"RUN {TUNABLE} None 1"]
+        assert _probe_runs(_clean_env()) == ["RUN None None None None", f"RUN {TUNABLE} None 1 None"]
     else:
-        assert _probe_runs(_clean_env()) == ["RUN None None None"]
+        assert _probe_runs(_clean_env()) == ["RUN None None None None"]
 
 
 @needs_support
 def test_cli_reexecutes_itself_once_with_the_tunable_when_glibc_is_chosen():
-    assert _probe_runs(_clean_env(**{SWITCH: "glibc"})) == ["RUN None None None", f"RUN {TUNABLE} None 1"]
+    assert _probe_runs(_clean_env(**{SWITCH: "glibc"})) == ["RUN None None None None", f"RUN {TUNABLE} None 1 None"]
 
 
 @pytest.mark.parametrize("extra", [{SWITCH: "off"}, {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}])
 def test_cli_runs_once_when_the_malloc_setting_steps_aside(extra):
-    assert _probe_runs(_clean_env(**extra)) == [f"RUN {extra.get('GLIBC_TUNABLES')} None None"]
+    assert _probe_runs(_clean_env(**extra)) == [f"RUN {extra.get('GLIBC_TUNABLES')} None None None"]
 
 
 # page faults of the calls after the first four of a jit function whose scratch block is 400 MB (two 200 MB
