@@ -70,3 +70,26 @@ def test_bfloat16_input_keeps_its_dtype_and_float32_statistics():
                                      ** 2))(x)
     assert dx.dtype == jnp.bfloat16
     np.testing.assert_allclose(channel_sum(x), np.asarray(x, np.float32).sum((0, 1, 2)), rtol=1e-6)
+
+
+def test_inference_norm_subtracts_the_mean_first():
+    """The inference form (modeling/layers.BatchNorm with running statistics) in float32 against float64, on
+    activations whose mean is large against their spread: (x - mean) * scale + bias stays within a few float32
+    roundings of the spread; x * scale + (bias - mean * scale) rounds x * scale and is off by ~eps * |mean| * scale
+    (6e-5 here)."""
+    from rtdetr_jax.modeling.layers import BatchNorm
+
+    rng = np.random.default_rng(0)
+    c = 16
+    x = rng.normal(1000.0, 1.0, size=(2, 4, 5, c))
+    mean, var = 1000.0 + rng.normal(0, 0.1, c), rng.uniform(0.5, 2.0, c)
+    weight, bias = rng.normal(size=c), rng.normal(size=c)
+    variables = {"params": {"weight": weight, "bias": bias}, "batch_stats": {"running_mean": mean, "running_var": var}}
+    expected = (x - mean) / np.sqrt(var + 1e-5) * weight + bias  # float64
+    as32 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), variables)
+    got = np.asarray(BatchNorm().apply(as32, jnp.asarray(x, jnp.float32)), np.float64)
+    # the float32 inputs themselves are off by up to ~3e-5 (half an ulp at 1000), times |scale| <= ~3.5
+    x32, mean32 = np.float32(x).astype(np.float64), np.float32(mean).astype(np.float64)
+    exact_from_32 = (x32 - mean32) / np.sqrt(np.float32(var).astype(np.float64) + 1e-5) * np.float32(weight) + bias
+    assert np.max(np.abs(got - exact_from_32)) < 2e-6, np.max(np.abs(got - exact_from_32))
+    assert np.max(np.abs(got - expected)) < 3e-4
