@@ -20,8 +20,8 @@ back to its host); the demo 4 min 23-25 s -> 3 min 53-58 s (kernel time 39-40 s 
 Its thread caches are capped at `THREAD_CACHE_BYTES` (4 MiB in all, `TCMALLOC_MAX_TOTAL_THREAD_CACHE_BYTES`,
 which tcmalloc reads at start-up; a user's own value is kept). Compiling leaves small freed objects in the caches of
 XLA's compiler threads, which `release_free_heap` cannot give back. On the 2-core AVX-512 development machine of
-2026-12-02, the r18vd batch-1 forward's process peak over 8 fresh processes each: 659-805 MB, median 683, with
-gperftools' default cap (32 MiB); 609-719 MB, median 625, with 4 MiB; PyTorch's on the same allocator 622-655 MB.
+2026-12-02, the r18vd batch-1 forward's process peak in fresh processes: 659-805 MB, median 705 (20 processes),
+with gperftools' default cap (32 MiB); 596-724 MB, median 622 (27), with 4 MiB; PyTorch's 621-656 MB, median 634.
 The training step was no slower (paired 0.96 of the default's time, 5 rounds; peak 4.44 vs 4.53 GB), nor the
 forward or its first call.
 
