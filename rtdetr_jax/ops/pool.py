@@ -72,23 +72,22 @@ def _padded_windows(x, kernel: int, stride: int, padding: int, out_hw: tuple[int
     ]
 
 
-def _out_size(size: int, kernel: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - kernel) // stride + 1
+def _out_hw(x, kernel: int, stride: int, padding: int) -> tuple[int, int]:
+    """(H_out, W_out) of the pool of x (batch, H, W, channels)."""
+    return tuple((size + 2 * padding - kernel) // stride + 1 for size in x.shape[1:3])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def max_pool2d(x, kernel: int, stride: int, padding: int):
     """`torch.nn.MaxPool2d(kernel, stride, padding)` on x (batch, H, W, channels) -> (batch, H_out, W_out,
     channels); padding counts as -inf."""
-    out_hw = (_out_size(x.shape[1], kernel, stride, padding), _out_size(x.shape[2], kernel, stride, padding))
-    return functools.reduce(jnp.maximum, _windows(x, kernel, stride, padding, out_hw))
+    return functools.reduce(jnp.maximum, _windows(x, kernel, stride, padding, _out_hw(x, kernel, stride, padding)))
 
 
 def _max_pool2d_fwd(x, kernel, stride, padding):
     # under differentiation the forward takes the padded copy too, which XLA then shares with the backward's
     # windows: with `_windows` here, the forward and backward of (4, 320, 320, 64) took 350 vs 234 ms
-    out_hw = (_out_size(x.shape[1], kernel, stride, padding), _out_size(x.shape[2], kernel, stride, padding))
-    y = functools.reduce(jnp.maximum, _padded_windows(x, kernel, stride, padding, out_hw))
+    y = functools.reduce(jnp.maximum, _padded_windows(x, kernel, stride, padding, _out_hw(x, kernel, stride, padding)))
     return y, (x, y)
 
 
