@@ -5,13 +5,15 @@
   (`uses_phase_kernel_gradient`);
 - 3x3, stride 1, padding 1, float32, on the CPU, both channel counts >= `WINOGRAD_MIN_CHANNELS` and at least
   `WINOGRAD_MIN_FLOP` of work: Winograd's F(2x2, 3x3) (ops/winograd.py), 2.25x fewer multiplications;
+- 1x1, stride 1, no padding, on the CPU: XLA's convolution with its gradients taken as the matmuls they are
+  (ops/pointwise_conv.py), which spares XLA's kernel gradient its transposes into batch-innermost layout;
 - anything else: XLA's convolution.
 
 Stride-1 convolutions on the CPU with a kernel larger than 1x1 and a batch of 2 or more take their kernel gradient
 over the batch stacked into one tall image (ops/kernel_gradient.py), which spares XLA:CPU's transposes into
 batch-innermost layout, unless Winograd's kernel gradient is used (from `WINOGRAD_KERNEL_GRADIENT_MIN_CHANNELS`).
 In the r18vd batch-4 training step at 640: paired 0.965 of the time (8 rounds, benchmarks/README.md). 1x1
-convolutions keep XLA's: stacked, they were 6-11% slower alone.
+convolutions are not stacked (6-11% slower alone): their kernel gradient is one matmul over the pixels.
 
 The choice is made when the function is traced (shapes, dtype and backend are static), so one compiled graph
 holds one algorithm per layer. `conv_algorithm("direct")` (or "winograd") overrides it for the functions traced
@@ -40,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from rtdetr_jax.ops.kernel_gradient import conv2d_stacked_kernel_gradient
+from rtdetr_jax.ops.pointwise_conv import pointwise_conv2d
 from rtdetr_jax.ops.strided_conv import strided_conv2d
 from rtdetr_jax.ops.xla_conv import plain_conv2d
 from rtdetr_jax.ops.winograd import winograd_conv3x3
@@ -97,6 +100,13 @@ def uses_phase_kernel_gradient(x_shape, kernel_shape, stride: int) -> bool:
             and kernel_shape[2] >= PHASE_KERNEL_GRADIENT_MIN_CHANNELS)
 
 
+def uses_pointwise_gradients(kernel_shape, stride: int, padding: int) -> bool:
+    """Whether a convolution's gradients are matmuls over the pixels (ops/pointwise_conv.py): under "auto", on the
+    CPU, for a 1x1 kernel at stride 1 without padding."""
+    return (_ALGORITHM.get() == "auto" and jax.default_backend() == "cpu" and stride == 1 and padding == 0
+            and tuple(kernel_shape[:2]) == (1, 1))
+
+
 def gradient_algorithms(x_shape, kernel_shape) -> tuple[str, str]:
     """For a convolution that `uses_winograd`: (input gradient, kernel gradient) as `winograd_conv3x3` takes them.
     Under "auto": Winograd's input gradient from `WINOGRAD_GRADIENT_MIN_CHANNELS` channels up (faster per
@@ -121,6 +131,8 @@ def conv2d(x, kernel, stride: int = 1, padding: int = 0):
         return strided_conv2d(x, kernel, stride, padding, "phases" if phases else "xla")
     if uses_winograd(x.shape, kernel.shape, x.dtype, stride, padding):
         return winograd_conv3x3(x, kernel, *gradient_algorithms(x.shape, kernel.shape))
+    if uses_pointwise_gradients(kernel.shape, stride, padding):
+        return pointwise_conv2d(x, kernel)
     if uses_stacked_kernel_gradient(x.shape, kernel.shape, stride):
         return conv2d_stacked_kernel_gradient(x, kernel, padding)
     return plain_conv2d(x, kernel, stride, padding)
