@@ -119,6 +119,17 @@ def test_small_convolutions_stay_direct():
     assert uses_winograd((16, 20, 20, 64), (3, 3, 64, 64), jnp.float32, 1, 1) is on_cpu
 
 
+def test_narrow_convolutions_on_many_pixels_stay_direct():
+    """Below WINOGRAD_WIDE_CHANNELS, Winograd only up to WINOGRAD_NARROW_MAX_PIXELS output pixels over the batch:
+    r18vd's first stage at batch 1 (one 160x160 map) yes, at training's batch 4 no; 128 channels at any size."""
+    on_cpu = jax.default_backend() == "cpu"
+    assert uses_winograd((1, 160, 160, 64), (3, 3, 64, 64), jnp.float32, 1, 1) is on_cpu
+    assert not uses_winograd((2, 160, 160, 64), (3, 3, 64, 64), jnp.float32, 1, 1)
+    assert not uses_winograd((4, 160, 160, 64), (3, 3, 64, 64), jnp.float32, 1, 1)
+    assert not uses_winograd((1, 160, 161, 64), (3, 3, 64, 128), jnp.float32, 1, 1)
+    assert uses_winograd((4, 160, 160, 128), (3, 3, 128, 128), jnp.float32, 1, 1) is on_cpu
+
+
 def test_gradient_choice():
     """Winograd's input gradient from 128 channels, its kernel gradient from 256; below, the stacked kernel
     gradient on the CPU at batch >= 2, XLA's at batch 1."""

@@ -28,7 +28,12 @@ was 1.2-2.9x slower.
 RepVGG blocks) runs disagreed (0.81x to 1.24x, a fraction of a millisecond either way), while each Winograd
 convolution adds some 40 operations for XLA to compile, which the narrow test and demo models would pay for
 nothing; from 0.47 GFLOP up ((1, 40, 40, 128) -> 128, (16, 20, 20, 64) -> 64) it won in every run, except
-(4, 160, 160, 64) -> 64 (training's first stage, 0.91x to 1.11x across runs). On GPU (cuDNN picks its own algorithms,
+(4, 160, 160, 64) -> 64 (training's first stage, 0.91x to 1.11x across runs on the AVX2 machine, 0.82x on the
+Intel AVX-512 one). So below `WINOGRAD_WIDE_CHANNELS` channels Winograd is used only up to
+`WINOGRAD_NARROW_MAX_PIXELS` output pixels over the batch (one 160x160 map): at 64 channels on more pixels the
+transforms' memory traffic outweighs the saved multiplications on both machines measured. On the Intel machine
+that made the r18vd training step paired 0.986 of the time and the batch-8 forward 0.981; the batch-1 forward
+keeps Winograd at (1, 160, 160, 64) -> 64, 1.23x faster on the AVX2 machine, 0.86-0.89x on the Intel one. On GPU (cuDNN picks its own algorithms,
 Winograd among them) and TPU (convolutions run on the matrix unit) it is not used, nor in bfloat16/float16, whose
 rounding the transforms would amplify.
 """
@@ -52,6 +57,8 @@ WINOGRAD_GRADIENT_MIN_CHANNELS = 128  # the input gradient by Winograd too (ops/
 WINOGRAD_KERNEL_GRADIENT_MIN_CHANNELS = 256  # and the kernel gradient; below, the stacked one (ops/kernel_gradient.py)
 PHASE_KERNEL_GRADIENT_MIN_CHANNELS = 64  # strided kernel gradients per phase: faster from 64, slower at 3
 WINOGRAD_MIN_FLOP = 2.5e8  # of the direct convolution: 2 * 9 * in * out per output pixel
+WINOGRAD_WIDE_CHANNELS = 128  # from here on Winograd at any number of pixels; below, only up to:
+WINOGRAD_NARROW_MAX_PIXELS = 160 * 160  # output pixels over the whole batch
 ALGORITHMS = ("auto", "direct", "winograd")
 _ALGORITHM = contextvars.ContextVar("rtdetr_jax_conv_algorithm", default="auto")
 
@@ -79,8 +86,10 @@ def uses_winograd(x_shape, kernel_shape, dtype, stride: int, padding: int) -> bo
     if choice != "auto":
         return choice == "winograd"
     n, h, w, _ = x_shape
+    channels = min(cin, cout)
     return (jnp.dtype(dtype) == jnp.float32 and jax.default_backend() == "cpu"
-            and min(cin, cout) >= WINOGRAD_MIN_CHANNELS and 18 * n * h * w * cin * cout >= WINOGRAD_MIN_FLOP)
+            and channels >= WINOGRAD_MIN_CHANNELS and 18 * n * h * w * cin * cout >= WINOGRAD_MIN_FLOP
+            and (channels >= WINOGRAD_WIDE_CHANNELS or n * h * w <= WINOGRAD_NARROW_MAX_PIXELS))
 
 
 def uses_stacked_kernel_gradient(x_shape, kernel_shape, stride: int) -> bool:
