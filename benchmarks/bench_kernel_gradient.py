@@ -14,7 +14,7 @@ the batch x H x W positions:
 Prints, per shape, the median time of each (ms) and its GFLOP/s, and checks each against XLA's result (relative
 max error); also the forward for scale. A second table times the kernel gradients the library uses
 (rtdetr_jax/ops/kernel_gradient.py) against XLA's: at stride 1 the batch stacked into one tall image, its transpose
-by XLA and by a matmul with the identity; at stride 2 (the backbone's and the encoder's downsampling
+by XLA, by a matmul with the identity and as a plain two-dimensional transpose; at stride 2 (the backbone's and the encoder's downsampling
 convolutions) one stride phase at a time. Writes benchmarks/results/kernel_gradient.json. JAX only: PyTorch has no
 counterpart to compare here (its kernel gradient is oneDNN's, measured inside bench_training.py's step).
 """
@@ -89,14 +89,15 @@ def library_rows(iters: int, rng) -> list[dict]:
 
     rows = []
     print("\n| kernel gradient of (3x3) | stride | XLA's | stacked, XLA's transpose | stacked, matmul transpose "
-          "| per stride phase |")
-    print("|---|---|---|---|---|---|")
+          "| stacked, plain transpose | per stride phase |")
+    print("|---|---|---|---|---|---|---|")
     for n, h, w, cin, cout, stride in LIBRARY_SHAPES:
         x = jax.numpy.asarray(rng.standard_normal((n, h, w, cin), np.float32))
         dy = jax.numpy.asarray(rng.standard_normal((n, h // stride, w // stride, cout), np.float32))
         ways = {"xla": lambda x_, dy_: xla_kernel_gradient(x_, dy_, (3, 3, cin, cout), stride, 1)}
         if stride == 1:
-            ways |= {"stacked_xla_transpose": stacked("xla"), "stacked_matmul_transpose": stacked("matmul")}
+            ways |= {"stacked_xla_transpose": stacked("xla"), "stacked_matmul_transpose": stacked("matmul"),
+                     "stacked_plain_transpose": stacked("plain")}
         else:
             ways["phases"] = lambda x_, dy_: kg.phase_kernel_gradient(x_, dy_, (3, 3, cin, cout), stride, 1)
         row = {"shape": [n, h, w, cin, cout], "stride": stride}
@@ -109,7 +110,8 @@ def library_rows(iters: int, rng) -> list[dict]:
             row[f"{name}_rel_error"] = float(np.abs(got - reference).max() / np.abs(reference).max())
         rows.append(row)
         cells = [f"{row[k] * 1e3:.0f} ms" if k in row else "-" for k in
-                 ("xla_s", "stacked_xla_transpose_s", "stacked_matmul_transpose_s", "phases_s")]
+                 ("xla_s", "stacked_xla_transpose_s", "stacked_matmul_transpose_s", "stacked_plain_transpose_s",
+                  "phases_s")]
         print(f"| ({n}, {h}, {w}, {cin}) -> {cout} | {stride} | " + " | ".join(cells) + " |", flush=True)
     worst = max(v for r in rows for k, v in r.items() if k.endswith("_rel_error"))
     print(f"(largest relative difference from XLA's kernel gradient: {worst:.1e})")

@@ -12,7 +12,11 @@ side, and the output gradient likewise, with `kh - 1` zero rows after each image
 VALID convolution of that tall image is the sum over the images of theirs (at a seam every product meets a zero
 row of the gradient). With batch 1 the layout change is a plain (pixels, channels) -> (channels, pixels)
 transpose, done by a matmul with the identity up to `TRANSPOSE_BY_MATMUL_MAX_CHANNELS` input channels (XLA's
-element-wise transpose reads with a stride of `in` floats, slow for few channels). Measured alone on the 2-core
+element-wise transpose reads with a stride of `in` floats, slow for few channels) and above by an explicit
+two-dimensional transpose ahead of XLA's convolution: left to XLA, the transpose is a four-dimensional
+permutation, (1, rows, W, in) -> (in, rows, W, 1), which XLA:CPU's loop emitter runs 3.5x slower than the same
+data moved as a (pixels, in) -> (in, pixels) transpose (alone, (4, 82, 82, 128): 8.2 against 2.4 ms, on the
+Intel machine). Measured alone on the 2-core
 CPU (kernel gradient with the batch norm and ReLU that produce its input, batch 4, median of 7): 3x3
 (160, 160, 64) -> 64 185 -> 148 ms, (320, 320, 32) -> 32 242 -> 208 ms, (80, 80, 128) -> 128 147 -> 85 ms
 (Winograd's kernel gradient: 110 ms), (40, 40, 256) -> 256 90 -> 67 ms; the matmul transpose then took
@@ -32,15 +36,16 @@ from rtdetr_jax.ops.xla_conv import plain_conv2d, xla_input_gradient, xla_kernel
 
 
 TRANSPOSE_BY_MATMUL_MAX_CHANNELS = 64  # up to this many input channels, the tall image is transposed by a matmul
-TRANSPOSES = ("auto", "matmul", "xla")
+TRANSPOSES = ("auto", "matmul", "plain", "xla")
 
 
 def stacked_kernel_gradient(x, dy, kernel_size: tuple[int, int], padding: int, transpose: str = "auto"):
     """dL/dkernel of `plain_conv2d(x, kernel, 1, padding)` given dy = dL/dy: x (batch, H, W, in),
     dy (batch, H + 2 * padding - kh + 1, W + 2 * padding - kw + 1, out) -> (kh, kw, in, out) in x's dtype.
-    `transpose`: how the tall image becomes channels-first, "matmul" (a product with the identity), "xla" (XLA's
-    own transpose inside its kernel gradient) or "auto" (the matmul up to `TRANSPOSE_BY_MATMUL_MAX_CHANNELS` input
-    channels, XLA's above); benchmarks and tests pick one to compare the two."""
+    `transpose`: how the tall image becomes channels-first, "matmul" (a product with the identity), "plain" (a
+    two-dimensional transpose), "xla" (XLA's own transpose inside its kernel gradient) or "auto" (the matmul up to
+    `TRANSPOSE_BY_MATMUL_MAX_CHANNELS` input channels, the plain transpose above); benchmarks and tests pick one to
+    compare them."""
     if transpose not in TRANSPOSES:
         raise ValueError(f"transpose {transpose!r} is not one of {', '.join(TRANSPOSES)}")
     n, h, w, cin = x.shape
@@ -54,22 +59,29 @@ def stacked_kernel_gradient(x, dy, kernel_size: tuple[int, int], padding: int, t
     # n * rows - kh + 1 rows, so the last image's zero rows are dropped
     dyp = jnp.pad(dy.astype(x.dtype), ((0, 0), (0, kh - 1), (0, 0), (0, 0)))
     dyp = dyp.reshape(1, n * rows, dy.shape[2], dy.shape[3])[:, :n * rows - kh + 1]
-    if transpose == "matmul" or (transpose == "auto" and cin <= TRANSPOSE_BY_MATMUL_MAX_CHANNELS):
-        return _tall_kernel_gradient_transposed_by_matmul(xp[0], dyp[0])
-    return xla_kernel_gradient(xp, dyp, (kh, kw, cin, dy.shape[3]), 1, 0)
+    if transpose == "xla":
+        return xla_kernel_gradient(xp, dyp, (kh, kw, cin, dy.shape[3]), 1, 0)
+    by_matmul = transpose == "matmul" or (transpose == "auto" and cin <= TRANSPOSE_BY_MATMUL_MAX_CHANNELS)
+    return _tall_kernel_gradient(xp[0], dyp[0], by_matmul)
 
 
-def _tall_kernel_gradient_transposed_by_matmul(xp, dyp):
+def _tall_kernel_gradient(xp, dyp, by_matmul: bool):
     """XLA's kernel gradient of the VALID convolution of one tall image, xp (R, W, in) and dyp (R', W', out), with
-    the (pixels, in) -> (in, pixels) transpose it needs done as a product with the identity. Exact: each output is
-    one input times 1 plus zeros. Why: XLA:CPU's transpose of a few channels is an element-wise copy that reads
-    with a stride of `in` floats, and the matmul is faster at up to 64 channels (alone, with the batch norm and
-    ReLU in front, batch 4, median of 9: (320, 320, 32) -> 32 171 -> 119 ms, -> 64 214 -> 179 ms,
-    (160, 160, 64) -> 64 85 -> 78 ms; at 128 channels slower, 62 -> 72 ms)."""
+    the (pixels, in) -> (in, pixels) transpose it needs done ahead of it: as a product with the identity
+    (`by_matmul`) or as a two-dimensional transpose. Both exact: each output of the product is one input times 1
+    plus zeros. The matmul is faster at up to 64 channels, where XLA:CPU's transpose is an element-wise copy that
+    reads with a stride of `in` floats (alone, with the batch norm and ReLU in front, batch 4, median of 9:
+    (320, 320, 32) -> 32 171 -> 119 ms, -> 64 214 -> 179 ms, (160, 160, 64) -> 64 85 -> 78 ms; at 128 channels
+    slower, 62 -> 72 ms). Above, the plain transpose: in the r18vd batch-4 training step on the Intel machine,
+    paired 0.974 and 0.980 of the time of XLA's own (6 and 8 rounds), where with the plain transpose at every
+    channel count it was 1.013."""
     r, w, cin = xp.shape
-    eye = jnp.eye(cin, dtype=xp.dtype)
-    xt = jax.lax.dot_general(eye, xp.reshape(r * w, cin), (((1,), (1,)), ((), ())),
-                             precision=jax.lax.Precision.HIGHEST)  # (in, pixels)
+    if by_matmul:
+        eye = jnp.eye(cin, dtype=xp.dtype)
+        xt = jax.lax.dot_general(eye, xp.reshape(r * w, cin), (((1,), (1,)), ((), ())),
+                                 precision=jax.lax.Precision.HIGHEST)  # (in, pixels)
+    else:
+        xt = xp.reshape(r * w, cin).T  # (in, pixels)
     # the kernel gradient as XLA computes it: a convolution whose batch is `in`, whose kernel is dy and whose
     # one input channel is contracted with dy's single "in" channel
     dk = jax.lax.conv_general_dilated(xt.reshape(cin, r, w, 1), dyp.reshape(*dyp.shape[:2], 1, dyp.shape[2]),
