@@ -19,7 +19,7 @@ from rtdetr_jax.modeling.backbone import ResNetBackbone
 from rtdetr_jax.modeling.decoder import Decoder, generate_anchors
 from rtdetr_jax.modeling.denoising import DenoisingQueries
 from rtdetr_jax.modeling.encoder import HybridEncoder
-from rtdetr_jax.modeling.layers import BatchNorm, Conv2d, Dtype, MLPPredictionHead, dense, layer_norm, precise_dtype
+from rtdetr_jax.modeling.layers import BatchNorm, Conv2d, Dtype, MLPPredictionHead, dense, layer_norm, precise_dtype, rows_dot_general
 
 
 @flax.struct.dataclass
@@ -141,7 +141,8 @@ class RTDetrV2Model(nn.Module):
         if cfg.learn_initial_query:
             self.weight_embedding = nn.Embed(cfg.num_queries, cfg.d_model, param_dtype=jnp.float32)
         self.enc_output = EncOutput(cfg, self.dtype)
-        self.enc_score_head = nn.Dense(cfg.num_labels, dtype=self.dtype, param_dtype=jnp.float32)
+        self.enc_score_head = nn.Dense(cfg.num_labels, dtype=self.dtype, param_dtype=jnp.float32,
+                                       dot_general=rows_dot_general)
         self.enc_bbox_head = MLPPredictionHead(cfg.d_model, 4, 3, self.dtype)
         projections = [ConvBN(cfg.d_model, 1, 1, cfg.batch_norm_eps, self.dtype) for _ in cfg.decoder_in_channels]
         for _ in range(cfg.num_feature_levels - len(cfg.decoder_in_channels)):
