@@ -14,9 +14,10 @@ the batch x H x W positions:
 Prints, per shape, the median time of each (ms) and its GFLOP/s, and checks each against XLA's result (relative
 max error); also the forward for scale. A second table times the kernel gradients the library uses
 (rtdetr_jax/ops/kernel_gradient.py) against XLA's: at stride 1 the batch stacked into one tall image, its transpose
-by XLA, by a matmul with the identity and as a plain two-dimensional transpose; at stride 2 (the backbone's and the encoder's downsampling
-convolutions) one stride phase at a time. Writes benchmarks/results/kernel_gradient.json. JAX only: PyTorch has no
-counterpart to compare here (its kernel gradient is oneDNN's, measured inside bench_training.py's step).
+by XLA, by a matmul with the identity and as a plain two-dimensional transpose; at stride 2 (the backbone's and
+the encoder's downsampling convolutions) one stride phase at a time. Writes benchmarks/results/kernel_gradient.json.
+JAX only: PyTorch has no counterpart to compare here (its kernel gradient is oneDNN's, measured inside
+bench_training.py's step).
 """
 
 from __future__ import annotations

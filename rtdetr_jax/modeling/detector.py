@@ -19,7 +19,8 @@ from rtdetr_jax.modeling.backbone import ResNetBackbone
 from rtdetr_jax.modeling.decoder import Decoder, generate_anchors
 from rtdetr_jax.modeling.denoising import DenoisingQueries
 from rtdetr_jax.modeling.encoder import HybridEncoder
-from rtdetr_jax.modeling.layers import BatchNorm, Conv2d, Dtype, MLPPredictionHead, dense, layer_norm, precise_dtype, rows_dot_general
+from rtdetr_jax.modeling.layers import (BatchNorm, Conv2d, Dtype, MLPPredictionHead, dense, layer_norm, precise_dtype,
+                                       rows_dot_general)
 
 
 @flax.struct.dataclass

@@ -33,9 +33,9 @@ Intel AVX-512 one). So below `WINOGRAD_WIDE_CHANNELS` channels Winograd is used 
 `WINOGRAD_NARROW_MAX_PIXELS` output pixels over the batch (one 160x160 map): at 64 channels on more pixels the
 transforms' memory traffic outweighs the saved multiplications on both machines measured. On the Intel machine
 that made the r18vd training step paired 0.986 of the time and the batch-8 forward 0.981; the batch-1 forward
-keeps Winograd at (1, 160, 160, 64) -> 64, 1.23x faster on the AVX2 machine, 0.86-0.89x on the Intel one. On GPU (cuDNN picks its own algorithms,
-Winograd among them) and TPU (convolutions run on the matrix unit) it is not used, nor in bfloat16/float16, whose
-rounding the transforms would amplify.
+keeps Winograd at (1, 160, 160, 64) -> 64, 1.23x faster on the AVX2 machine, 0.86-0.89x on the Intel one.
+On GPU (cuDNN picks its own algorithms, Winograd among them) and TPU (convolutions run on the matrix unit) it is
+not used, nor in bfloat16/float16, whose rounding the transforms would amplify.
 """
 
 from __future__ import annotations

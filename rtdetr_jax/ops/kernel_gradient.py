@@ -16,8 +16,8 @@ element-wise transpose reads with a stride of `in` floats, slow for few channels
 two-dimensional transpose ahead of XLA's convolution: left to XLA, the transpose is a four-dimensional
 permutation, (1, rows, W, in) -> (in, rows, W, 1), which XLA:CPU's loop emitter runs 3.5x slower than the same
 data moved as a (pixels, in) -> (in, pixels) transpose (alone, (4, 82, 82, 128): 8.2 against 2.4 ms, on the
-Intel machine). Measured alone on the 2-core
-CPU (kernel gradient with the batch norm and ReLU that produce its input, batch 4, median of 7): 3x3
+Intel machine). Measured alone on the 2-core CPU (kernel gradient with the batch norm and ReLU that produce its
+input, batch 4, median of 7): 3x3
 (160, 160, 64) -> 64 185 -> 148 ms, (320, 320, 32) -> 32 242 -> 208 ms, (80, 80, 128) -> 128 147 -> 85 ms
 (Winograd's kernel gradient: 110 ms), (40, 40, 256) -> 256 90 -> 67 ms; the matmul transpose then took
 (320, 320, 32) -> 32 from 171 to 119 ms (median of 9). Equal to XLA's within float32 rounding (relative 1e-6).
