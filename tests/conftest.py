@@ -268,3 +268,16 @@ def assert_parity(reference, model, pixel_values: np.ndarray, tol: float = 1e-4)
     worse = {k: (ours_err[k], torch_err[k]) for k in ours_err if ours_err[k] > max(tol, 2 * torch_err[k])}
     assert not worse, f"float32 error vs float64 (ours, torch): {worse}"
     return diffs64
+
+
+def torch_conv_with_gradients(x, kernel, probe, stride: int = 1, padding: int = 0):
+    """PyTorch's reference for the convolution tests: output, input gradient and kernel gradient of
+    sum(conv2d(x, kernel, stride, padding) * probe), with NHWC inputs and outputs and an HWIO kernel."""
+    import torch
+
+    xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+    kt = torch.tensor(kernel.transpose(3, 2, 0, 1), requires_grad=True)
+    y = torch.nn.functional.conv2d(xt, kt, stride=stride, padding=padding)
+    (y * torch.tensor(probe.transpose(0, 3, 1, 2))).sum().backward()
+    return (y.detach().numpy().transpose(0, 2, 3, 1), xt.grad.numpy().transpose(0, 2, 3, 1),
+            kt.grad.numpy().transpose(2, 3, 1, 0))

@@ -10,20 +10,11 @@ import numpy as np
 import pytest
 
 import rtdetr_jax.ops.kernel_gradient as kernel_gradient_module
+from conftest import torch_conv_with_gradients
 from rtdetr_jax.ops.kernel_gradient import conv2d_stacked_kernel_gradient, stacked_kernel_gradient
 from rtdetr_jax.ops.xla_conv import xla_kernel_gradient
 
 torch = pytest.importorskip("torch")
-
-
-def torch_conv(x, kernel, probe, padding):
-    """Output, input gradient and kernel gradient of sum(conv2d(x, kernel, padding) * probe); NHWC/HWIO."""
-    xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
-    kt = torch.tensor(kernel.transpose(3, 2, 0, 1), requires_grad=True)
-    y = torch.nn.functional.conv2d(xt, kt, padding=padding)
-    (y * torch.tensor(probe.transpose(0, 3, 1, 2))).sum().backward()
-    return (y.detach().numpy().transpose(0, 2, 3, 1), xt.grad.numpy().transpose(0, 2, 3, 1),
-            kt.grad.numpy().transpose(2, 3, 1, 0))
 
 
 # (batch, H, W, in, out, kernel, padding): 3x3 as in the detector, 1x1, 5x5, no padding, a single pixel, a
@@ -49,7 +40,7 @@ def test_matches_torch_in_float64(shape, transpose):
     rng = np.random.default_rng(sum(shape))
     x, kernel = rng.normal(size=(n, h, w, cin)), rng.normal(size=(k, k, cin, cout))
     probe = rng.normal(size=(n, h + 2 * padding - k + 1, w + 2 * padding - k + 1, cout))
-    y_t, dx_t, dk_t = torch_conv(x, kernel, probe, padding)
+    y_t, dx_t, dk_t = torch_conv_with_gradients(x, kernel, probe, padding=padding)
     with jax.enable_x64(True):
         dk = stacked_kernel_gradient(jnp.asarray(x), jnp.asarray(probe), (k, k), padding, transpose)
         loss = lambda a, b: jnp.sum(conv2d_stacked_kernel_gradient(a, b, padding) * probe)  # noqa: E731

@@ -8,21 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import torch_conv_with_gradients
 from rtdetr_jax.ops.conv import conv2d, conv_algorithm, uses_pointwise_gradients
 from rtdetr_jax.ops.pointwise_conv import pointwise_conv2d
 from rtdetr_jax.ops.xla_conv import plain_conv2d
 
 torch = pytest.importorskip("torch")
-
-
-def torch_conv(x, kernel, probe):
-    """Output, input gradient and kernel gradient of sum(conv2d(x, kernel) * probe); NHWC/HWIO."""
-    xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
-    kt = torch.tensor(kernel.transpose(3, 2, 0, 1), requires_grad=True)
-    y = torch.nn.functional.conv2d(xt, kt)
-    (y * torch.tensor(probe.transpose(0, 3, 1, 2))).sum().backward()
-    return (y.detach().numpy().transpose(0, 2, 3, 1), xt.grad.numpy().transpose(0, 2, 3, 1),
-            kt.grad.numpy().transpose(2, 3, 1, 0))
 
 
 # (batch, H, W, in, out): several images, one pixel, one image, more outputs than inputs, an empty batch
@@ -41,7 +32,7 @@ def test_matches_torch_in_float64(shape):
         y = pointwise_conv2d(jnp.asarray(x), jnp.asarray(kernel))
         dx, dk = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(kernel))
         assert y.dtype == dx.dtype == dk.dtype == jnp.float64
-    want_y, want_dx, want_dk = torch_conv(x, kernel, probe)
+    want_y, want_dx, want_dk = torch_conv_with_gradients(x, kernel, probe)
     np.testing.assert_allclose(np.asarray(y), want_y, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(np.asarray(dx), want_dx, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(np.asarray(dk), want_dk, rtol=1e-12, atol=1e-12)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import torch_conv_with_gradients
 from rtdetr_jax.modeling.layers import Conv2d
 from rtdetr_jax.ops.conv import conv2d, conv_algorithm, uses_phase_kernel_gradient
 from rtdetr_jax.ops.kernel_gradient import phase_kernel_gradient
@@ -32,16 +33,6 @@ CASES = [
 ]
 
 
-def torch_conv(x, kernel, probe, stride, padding):
-    """Output, input gradient and kernel gradient of sum(conv2d(x, kernel) * probe); NHWC/HWIO in and out."""
-    xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
-    kt = torch.tensor(kernel.transpose(3, 2, 0, 1), requires_grad=True)
-    y = torch.nn.functional.conv2d(xt, kt, stride=stride, padding=padding)
-    (y * torch.tensor(probe.transpose(0, 3, 1, 2))).sum().backward()
-    return (y.detach().numpy().transpose(0, 2, 3, 1), xt.grad.numpy().transpose(0, 2, 3, 1),
-            kt.grad.numpy().transpose(2, 3, 1, 0))
-
-
 @pytest.mark.parametrize("h, w, kernel, stride, padding, kernel_gradient",
                          [(*case, how) for case in CASES for how in ("conv2d", "xla", "phases")
                           if case[3] > 1 or how == "conv2d"])  # strided_conv2d is for stride >= 2
@@ -51,7 +42,7 @@ def test_matches_torch(h, w, kernel, stride, padding, kernel_gradient):
     k = rng.normal(size=(kernel, kernel, 3, 4))
     out_hw = ((h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1)
     probe = rng.normal(size=(2, *out_hw, 4))
-    expected = torch_conv(x, k, probe, stride, padding)
+    expected = torch_conv_with_gradients(x, k, probe, stride, padding)
     if kernel_gradient == "conv2d":
         conv = lambda x_, k_: conv2d(x_, k_, stride, padding)  # noqa: E731
     else:
@@ -64,7 +55,7 @@ def test_matches_torch(h, w, kernel, stride, padding, kernel_gradient):
             direct = phase_kernel_gradient(jnp.asarray(x), jnp.asarray(probe), k.shape, stride, padding)
             np.testing.assert_allclose(np.asarray(direct), expected[2], rtol=1e-12, atol=1e-12)
             one = phase_kernel_gradient(jnp.asarray(x[:1]), jnp.asarray(probe[:1]), k.shape, stride, padding)
-            np.testing.assert_allclose(np.asarray(one), torch_conv(x[:1], k, probe[:1], stride, padding)[2],
+            np.testing.assert_allclose(np.asarray(one), torch_conv_with_gradients(x[:1], k, probe[:1], stride, padding)[2],
                                        rtol=1e-12, atol=1e-12)
             empty = phase_kernel_gradient(jnp.zeros((0, h, w, 3)), jnp.zeros((0, *out_hw, 4)), k.shape, stride,
                                           padding)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import torch_conv_with_gradients
 from rtdetr_jax.modeling.layers import Conv2d
 from rtdetr_jax.ops.conv import (WINOGRAD_GRADIENT_MIN_CHANNELS, WINOGRAD_KERNEL_GRADIENT_MIN_CHANNELS,
                                  WINOGRAD_MIN_CHANNELS, conv2d, conv_algorithm, gradient_algorithms,
@@ -17,16 +18,6 @@ from rtdetr_jax.ops.xla_conv import plain_conv2d
 from rtdetr_jax.ops.winograd import winograd_conv3x3
 
 torch = pytest.importorskip("torch")
-
-
-def torch_conv3x3(x, kernel, probe):
-    """Output, input gradient and kernel gradient of sum(conv2d(x, kernel, padding=1) * probe); NHWC/HWIO."""
-    xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
-    kt = torch.tensor(kernel.transpose(3, 2, 0, 1), requires_grad=True)
-    y = torch.nn.functional.conv2d(xt, kt, padding=1)
-    (y * torch.tensor(probe.transpose(0, 3, 1, 2))).sum().backward()
-    return (y.detach().numpy().transpose(0, 2, 3, 1), xt.grad.numpy().transpose(0, 2, 3, 1),
-            kt.grad.numpy().transpose(2, 3, 1, 0))
 
 
 # (batch, height, width, in, out): even sizes, odd ones (padded to whole tiles and cropped), a single pixel,
@@ -41,7 +32,7 @@ def test_matches_torch_in_float64(shape, gradients):
     n, h, w, cin, cout = shape
     rng = np.random.default_rng(sum(shape))
     x, k, probe = rng.normal(size=(n, h, w, cin)), rng.normal(size=(3, 3, cin, cout)), rng.normal(size=(n, h, w, cout))
-    expected = torch_conv3x3(x, k, probe)
+    expected = torch_conv_with_gradients(x, k, probe, padding=1)
     with jax.enable_x64(True):
         loss = lambda x_, k_: jnp.sum(winograd_conv3x3(x_, k_, *gradients) * probe)  # noqa: E731
         y = winograd_conv3x3(jnp.asarray(x), jnp.asarray(k), *gradients)
