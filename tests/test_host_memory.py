@@ -22,6 +22,7 @@ from rtdetr_jax.host_memory import (
     library_dirs,
     malloc_env,
     release_free_heap,
+    release_surplus_heap,
     transparent_hugepages_enabled,
     transparent_hugepages_mode,
 )
@@ -300,6 +301,58 @@ def test_release_free_heap_returns_tcmallocs_free_pages(switch):
         assert released == "True" and before - after > 150, (before, after)  # measured 226 -> 31 MB
     else:
         assert released == "False" and before - after < 20, (before, after)
+
+
+# resident set (MB) with a freed 100 MB block (touched, so resident until given back), then after
+# release_surplus_heap(limit) for each limit given on the command line (MB), and what each returned
+_SURPLUS = """
+import ctypes, sys
+from rtdetr_jax.host_memory import release_surplus_heap
+def rss():
+    with open("/proc/self/status") as fh:
+        return next(int(l.split()[1]) // 1024 for l in fh if l.startswith("VmRSS"))
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+block = libc.malloc(100 << 20)
+ctypes.memset(block, 1, 100 << 20)
+libc.free(block)
+figures = [rss()]
+for limit in sys.argv[1:]:
+    figures += [release_surplus_heap(int(limit) << 20), rss()]
+print(*figures)
+"""
+
+
+def _surplus(env, *limits):
+    done = subprocess.run([sys.executable, "-c", _SURPLUS, *map(str, limits)], capture_output=True, text=True,
+                          env=env)
+    assert done.returncode == 0, done.stderr
+    return [int(x) if x.isdigit() else x == "True" for x in done.stdout.split()]
+
+
+@needs_tcmalloc
+def test_release_surplus_heap_gives_back_tcmallocs_free_pages_beyond_the_limit():
+    """tcmalloc keeps the freed 100 MB block: below the limit (256 MB) it stays, above it (64 MB) it goes."""
+    before, kept, after_kept, released, after = _surplus(_clean_env(LD_PRELOAD=TCMALLOC), 256, 64)
+    assert kept is False and before - after_kept < 20, (before, after_kept)
+    assert released is True and after_kept - after > 80, (after_kept, after)
+
+
+@pytest.mark.parametrize("env", [{}, {SWITCH: "off"}, {SWITCH: "glibc"}])
+def test_release_surplus_heap_is_a_no_op_without_tcmalloc_or_switched_off(env):
+    """glibc maps and unmaps such blocks itself (the freed one is gone already); `off` leaves tcmalloc alone."""
+    extra = {"LD_PRELOAD": TCMALLOC} if env.get(SWITCH) == "off" and TCMALLOC else {}
+    before, released, after = _surplus(_clean_env(**env, **extra), 0)
+    assert released is False, (before, after)
+    if extra:  # tcmalloc kept the freed block and nobody gave it back
+        assert before - after < 20, (before, after)
+
+
+def test_release_surplus_heap_rejects_bad_switch_value(monkeypatch):
+    monkeypatch.setenv(SWITCH, "maybe")
+    with pytest.raises(ValueError, match=f"^{BAD_SWITCH}$"):
+        release_surplus_heap()
 
 
 def test_release_free_heap_steps_aside_for_another_allocator(monkeypatch):

@@ -133,22 +133,24 @@ def test_compiler_memory_released_after_each_new_shape(tiny_model, images_2x96x1
     """After a call that compiled (a new input shape), the model drops jax's tracing caches
     (jax_caches.drop_tracing_caches) and hands the freed memory back to the system (host_memory.release_free_heap)
     as the call starts, and trims again once its outputs are ready (its scratch memory freed); calls that reuse a
-    compiled shape do not pay for it, nor wait."""
+    compiled shape do not pay for it, nor wait: they only hand back tcmalloc's surplus free pages once dispatched
+    (host_memory.release_surplus_heap, a second scratch block)."""
     import rtdetr_jax.model
 
     model, _ = tiny_model
     events = []
     monkeypatch.setattr(rtdetr_jax.model, "drop_tracing_caches", lambda: events.append("drop") or True)
     monkeypatch.setattr(rtdetr_jax.model, "release_free_heap", lambda: events.append("trim") or True)
+    monkeypatch.setattr(rtdetr_jax.model, "release_surplus_heap", lambda: events.append("surplus") or False)
     block = jax.block_until_ready
     monkeypatch.setattr(jax, "block_until_ready", lambda x: events.append("wait") or block(x))
     pixels = images_2x96x128[:, :, :32, :64]  # a shape no other test uses, so the first call must compile
     model(pixel_values=pixels)
     assert events == ["drop", "trim", "wait", "trim"]
     model(pixel_values=pixels * 0.5)
-    assert events == ["drop", "trim", "wait", "trim"]
+    assert events == ["drop", "trim", "wait", "trim", "surplus"]
     model(pixel_values=pixels[:1])
-    assert events == ["drop", "trim", "wait", "trim"] * 2
+    assert events == ["drop", "trim", "wait", "trim", "surplus", "drop", "trim", "wait", "trim"]
 
 
 @pytest.mark.parametrize("flax_weights", [False, True])
