@@ -218,11 +218,13 @@ def serve_worker(setup) -> None:
                                        "kernel_s": after.ru_stime - before.ru_stime}), flush=True)
 
 
-def run_json_child(script: str, args: list[str], env: dict | None = None) -> dict:
-    """Run `python script *args` in a fresh process (`env` added to ours) and parse the JSON on its last stdout
-    line; a failed child raises RuntimeError carrying the last line of its stderr."""
+def run_json_child(script: str, args: list[str], env: dict | None = None, unset: list[str] | None = None) -> dict:
+    """Run `python script *args` in a fresh process (`env` added to ours, the variables in `unset` removed) and
+    parse the JSON on its last stdout line; a failed child raises RuntimeError carrying the last line of its
+    stderr."""
     cmd = [sys.executable, os.path.abspath(script), *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, check=False)
+    environ = {key: value for key, value in {**os.environ, **(env or {})}.items() if key not in (unset or ())}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=environ, check=False)
     if done.returncode:
         raise RuntimeError((done.stderr.strip().splitlines() or ["?"])[-1])
     return json.loads(done.stdout.strip().splitlines()[-1])
