@@ -39,8 +39,8 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
-from common import (Worker, machine_info, paired_query_differences, run_json_child, scratch_dir,  # noqa: E402
-                    serve_worker, write_result)
+from common import (machine_info, paired_query_differences, paired_ratio, run_json_child, scratch_dir,  # noqa: E402
+                    serve_worker, side_by_side, steady_state, write_result)
 
 TORCH_MALLOCS = ("tcmalloc", "glibc", "off")
 
@@ -167,38 +167,25 @@ def compare_outputs(ours: dict, theirs: dict, num_queries: int) -> dict:
     return {"max_abs_diff_boxes_logits_query_matched": worst, "images_with_topk_ties_not_compared": ties}
 
 
-def alternate_blocks(ours: Worker, theirs: Worker, rounds: int, block: int) -> list[dict]:
-    """`rounds` rounds of `block` consecutive forwards per side, the side going first alternating (ours first in
-    even rounds); per round {"jax": [times], "torch": [times]}."""
-    out = []
-    for i in range(rounds):
-        order = (("jax", ours), ("torch", theirs)) if i % 2 == 0 else (("torch", theirs), ("jax", ours))
-        out.append({name: [worker.step() for _ in range(block)] for name, worker in order})
-    return out
-
-
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return n
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batches", type=_positive, nargs="+", default=[1, 8])
-    parser.add_argument("--rounds", type=_positive, default=5, help="rounds of --block forwards per side")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of --block forwards per side")
     parser.add_argument("--block", type=int, default=3,
                         help="consecutive forwards per side in a round, the first untimed (at least 2)")
     parser.add_argument("--torch-malloc", choices=TORCH_MALLOCS, default="tcmalloc",
                         help="PyTorch's malloc (module docstring); ours is the command line's")
-    parser.add_argument("--memory-iters", type=_positive, default=3, help="forwards per memory child")
+    parser.add_argument("--memory-iters", type=int, default=3, help="forwards per memory child")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--memory-child", choices=["jax", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=os.path.join(HERE, "results", "inference.json"))
     args = parser.parse_args(argv)
+    for name, value in (("--batches", min(args.batches)), ("--rounds", args.rounds),
+                        ("--memory-iters", args.memory_iters)):
+        if value < 1:
+            parser.error(f"{name} {value}: at least 1")
     if args.block < 2:
         parser.error(f"--block {args.block}: at least 2 (the first forward of a block follows the other side's)")
     if args.memory_child:
@@ -215,20 +202,11 @@ def main(argv=None) -> dict:
     envs = {side: side_env(side, args.torch_malloc) for side in ("jax", "torch")}
     rows, ready = [], {}
     for batch in args.batches:
-        shared = ["--folder", folder, "--batches", str(batch)]
-        ours = Worker(__file__, "jax", shared, envs["jax"])
-        try:
-            theirs = Worker(__file__, "torch", shared, envs["torch"])
-            try:
-                rounds = alternate_blocks(ours, theirs, args.rounds, args.block)
-            finally:
-                theirs.close()
-        finally:
-            ours.close()
+        rounds, ours, theirs = side_by_side(__file__, ["--folder", folder, "--batches", str(batch)], args.rounds,
+                                            args.block, envs)
         ready = {"jax": ours.ready, "torch": theirs.ready}
-        jax_times = [t for r in rounds for t in r["jax"][1:]]
-        torch_times = [t for r in rounds for t in r["torch"][1:]]
-        paired = statistics.median(statistics.mean(r["jax"][1:]) / statistics.mean(r["torch"][1:]) for r in rounds)
+        jax_times, torch_times = steady_state(rounds, "jax"), steady_state(rounds, "torch")
+        paired = paired_ratio(rounds, "jax", "torch")
         ours_out, theirs_out = (dict(np.load(os.path.join(folder, f"outputs-{side}-{batch}.npz")))
                                 for side in ("jax", "torch"))
         ours_s, theirs_s = statistics.median(jax_times), statistics.median(torch_times)

@@ -33,12 +33,14 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from common import (  # noqa: E402
-    Worker,
     machine_info,
     our_train_step,
+    paired_ratio,
     scratch_dir,
     serve_worker,
+    side_by_side,
     start_like_the_cli,
+    steady_state,
     synthetic_detection_batch,
     torch_train_step,
     write_result,
@@ -102,15 +104,8 @@ def main(argv=None):
 
     shared = ["--preset", args.preset, "--size", str(args.size), "--batch", str(args.batch),
               "--folder", scratch_dir("rtdetr-bench-training-")]
-    ours = Worker(__file__, "jax", shared)  # saves the checkpoint and compiles before PyTorch's side starts
-    try:
-        theirs = Worker(__file__, "torch", shared)
-        try:
-            rounds = alternate_blocks(ours, theirs, args.iters, args.block)
-        finally:
-            theirs.close()
-    finally:
-        ours.close()
+    # ours saves the checkpoint and compiles before PyTorch's side starts
+    rounds, ours, theirs = side_by_side(__file__, shared, args.iters, args.block)
 
     jax_steady, torch_steady = steady_state(rounds, "jax"), steady_state(rounds, "torch")
     jax_paused, torch_paused = [r["jax"][0] for r in rounds], [r["torch"][0] for r in rounds]
@@ -143,26 +138,6 @@ def main(argv=None):
                                                             for i in range(0, len(kernel), args.block)))
     write_result(args.out, result)
     return result
-
-
-def steady_state(rounds: list[dict], side: str) -> list[float]:
-    """`side`'s steady-state step times: every step of a block but its first (which follows a pause)."""
-    return [t for r in rounds for t in r[side][1:]]
-
-
-def paired_ratio(rounds: list[dict], numerator: str, denominator: str) -> float:
-    """Median over rounds of the ratio of the two sides' steady-state block means (numerator's / denominator's)."""
-    return statistics.median(statistics.mean(r[numerator][1:]) / statistics.mean(r[denominator][1:]) for r in rounds)
-
-
-def alternate_blocks(ours, theirs, rounds: int, block: int) -> list[dict]:
-    """`rounds` rounds of `block` consecutive steps per side, the side going first alternating (ours first in
-    even rounds); per round {"jax": [step times], "torch": [step times]}."""
-    out = []
-    for i in range(rounds):
-        order = (("jax", ours), ("torch", theirs)) if i % 2 == 0 else (("torch", theirs), ("jax", ours))
-        out.append({name: [worker.step() for _ in range(block)] for name, worker in order})
-    return out
 
 
 if __name__ == "__main__":

@@ -197,6 +197,43 @@ class Worker:
             self.proc.wait()
 
 
+def steady_state(rounds: list[dict], side: str) -> list[float]:
+    """`side`'s steady-state times: every step (or forward) of a block but its first (which follows a pause)."""
+    return [t for r in rounds for t in r[side][1:]]
+
+
+def paired_ratio(rounds: list[dict], numerator: str, denominator: str) -> float:
+    """Median over rounds of the ratio of the two sides' steady-state block means (numerator's / denominator's)."""
+    return statistics.median(statistics.mean(r[numerator][1:]) / statistics.mean(r[denominator][1:]) for r in rounds)
+
+
+def alternate_blocks(ours, theirs, rounds: int, block: int) -> list[dict]:
+    """`rounds` rounds of `block` consecutive steps (`Worker.step`: a train step, a forward) per side, the side
+    going first alternating (ours first in even rounds); per round {"jax": [step times], "torch": [step times]}."""
+    out = []
+    for i in range(rounds):
+        order = (("jax", ours), ("torch", theirs)) if i % 2 == 0 else (("torch", theirs), ("jax", ours))
+        out.append({name: [worker.step() for _ in range(block)] for name, worker in order})
+    return out
+
+
+def side_by_side(script: str, args: list[str], rounds: int, block: int,
+                 envs: dict[str, dict] | None = None) -> tuple[list[dict], Worker, Worker]:
+    """Start the "jax" worker of `script`, then (once it is ready) the "torch" one, both with `args` and each with
+    its `envs` entry added to its environment; run `alternate_blocks` on them and close both. Returns (rounds,
+    ours, theirs): the closed workers keep what they reported (`ready`, `usage`)."""
+    envs = envs or {}
+    ours = Worker(script, "jax", args, envs.get("jax"))
+    try:
+        theirs = Worker(script, "torch", args, envs.get("torch"))
+        try:
+            return alternate_blocks(ours, theirs, rounds, block), ours, theirs
+        finally:
+            theirs.close()
+    finally:
+        ours.close()
+
+
 def serve_worker(setup) -> None:
     """The worker side of `Worker`: `setup()` returns (step, info); `info` (JSON-able) goes back at once, then
     each `step` line on stdin runs `step()` and answers its wall time, the page faults it took (major: read back

@@ -253,15 +253,18 @@ IS_GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc
 
 # resident set (MB) after 200,000 freed 1 KiB blocks that a live block above them keeps from being trimmed, then
 # after release_free_heap(): the heap of a compiler that freed its temporaries
-_FREED_HEAP = """
-import ctypes
-from rtdetr_jax.host_memory import release_free_heap
+_HEAP_PRELUDE = """
+import ctypes, sys
 def rss():
     with open("/proc/self/status") as fh:
         return next(int(l.split()[1]) // 1024 for l in fh if l.startswith("VmRSS"))
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
+"""  # rss() in MB, and malloc/free of the C library that runs the process (or of a preloaded allocator)
+
+_FREED_HEAP = _HEAP_PRELUDE + """
+from rtdetr_jax.host_memory import release_free_heap
 blocks = [libc.malloc(1000) for _ in range(200_000)]
 for b in blocks:
     ctypes.memset(b, 1, 1000)
@@ -305,15 +308,8 @@ def test_release_free_heap_returns_tcmallocs_free_pages(switch):
 
 # resident set (MB) with a freed 100 MB block (touched, so resident until given back), then after
 # release_surplus_heap(limit) for each limit given on the command line (MB), and what each returned
-_SURPLUS = """
-import ctypes, sys
+_SURPLUS = _HEAP_PRELUDE + """
 from rtdetr_jax.host_memory import release_surplus_heap
-def rss():
-    with open("/proc/self/status") as fh:
-        return next(int(l.split()[1]) // 1024 for l in fh if l.startswith("VmRSS"))
-libc = ctypes.CDLL(None)
-libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
 block = libc.malloc(100 << 20)
 ctypes.memset(block, 1, 100 << 20)
 libc.free(block)
