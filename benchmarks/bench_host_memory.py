@@ -128,7 +128,7 @@ def main(argv=None):
 
 def paired(args) -> dict:
     """glibc with huge pages against tcmalloc, our training step in a worker process each, alternating blocks."""
-    from bench_training import alternate_blocks, paired_ratio, steady_state
+    from common import alternate_blocks, paired_ratio, steady_state
 
     tcmalloc = find_tcmalloc()
     if tcmalloc is None:

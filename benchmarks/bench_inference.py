@@ -119,9 +119,8 @@ def memory_child(framework: str, folder: str, batch: int, iters: int) -> None:
 
 def measure_memory(framework: str, folder: str, batch: int, iters: int, env: dict) -> dict:
     args = ["--memory-child", framework, "--folder", folder, "--batches", str(batch), "--memory-iters", str(iters)]
-    unset = [key for key, value in env.items() if value is None]
     try:
-        return run_json_child(__file__, args, {k: v for k, v in env.items() if v is not None}, unset=unset)
+        return run_json_child(__file__, args, env)
     except RuntimeError as err:
         raise RuntimeError(f"memory child for {framework} failed: {err}") from None
 

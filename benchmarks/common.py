@@ -255,12 +255,12 @@ def serve_worker(setup) -> None:
                                        "kernel_s": after.ru_stime - before.ru_stime}), flush=True)
 
 
-def run_json_child(script: str, args: list[str], env: dict | None = None, unset: list[str] | None = None) -> dict:
-    """Run `python script *args` in a fresh process (`env` added to ours, the variables in `unset` removed) and
-    parse the JSON on its last stdout line; a failed child raises RuntimeError carrying the last line of its
-    stderr."""
+def run_json_child(script: str, args: list[str], env: dict[str, str | None] | None = None) -> dict:
+    """Run `python script *args` in a fresh process (`env` added to ours, a None in it unsetting the variable, as
+    for `Worker`) and parse the JSON on its last stdout line; a failed child raises RuntimeError carrying the last
+    line of its stderr."""
     cmd = [sys.executable, os.path.abspath(script), *args]
-    environ = {key: value for key, value in {**os.environ, **(env or {})}.items() if key not in (unset or ())}
+    environ = {key: value for key, value in {**os.environ, **(env or {})}.items() if value is not None}
     done = subprocess.run(cmd, capture_output=True, text=True, env=environ, check=False)
     if done.returncode:
         raise RuntimeError((done.stderr.strip().splitlines() or ["?"])[-1])
