@@ -76,7 +76,7 @@ dispatching each forward of a compiled shape, hands tcmalloc's free pages back w
 (64 MB). Measured on the 2-core AVX2 development machine (2026-12-03), r18vd at 640, fresh processes, forwards back
 to back: batch 8, process peak while forwarding 1660-1707 MB without it (two processes; 1669 MB in a third, after
 nine forwards at ~1120 MB), 1135-1225 MB with it (three), against 1260-1277 MB on glibc with huge pages and
-PyTorch's 1462-1545 MB; batch 1 591-641 MB without it (four), 583-632 MB with it (four).
+PyTorch's 1462-1743 MB; batch 1 591-641 MB without it (four), 583-632 MB with it (four).
 """
 
 from __future__ import annotations

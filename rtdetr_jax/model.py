@@ -135,7 +135,8 @@ class RTDetrV2ForObjectDetection:
         leftovers, and again once its outputs are ready, for the scratch memory it freed at its end (r18vd batch
         1: 60-80 MB). Calls of a compiled signature return at once, once tcmalloc's surplus free pages (a second
         scratch block taken by a call issued before the last one's was freed) are handed back
-        (host_memory.release_surplus_heap; r18vd batch 8, forwards back to back: process peak 1660-1707 -> 1135-1225 MB)."""
+        (host_memory.release_surplus_heap; r18vd batch 8, forwards back to back: process peak 1660-1707 ->
+        1135-1225 MB)."""
         compiled = jitted._cache_size()
         out = jitted(*args)
         if jitted._cache_size() != compiled:
