@@ -212,20 +212,36 @@ class RTDetrImageProcessor:
         k = queries if top_k is None else int(top_k)
         if k < 1:
             raise ValueError(f"top_k={top_k} must be >= 1")
+        if use_focal_loss:
+            sigmoid = 1.0 / (1.0 + np.exp(-logits.reshape(batch, -1)))  # (batch, queries * classes)
         results = []
         for i in range(batch):
             if use_focal_loss:
-                flat = 1.0 / (1.0 + np.exp(-logits[i].reshape(-1)))
-                k_i = min(k, flat.size)
-                order = np.argsort(-flat, kind="stable")[:k_i]
-                scores, labels, query = flat[order], order % classes, order // classes
+                order = top_above(sigmoid[i], k, threshold)
+                scores, labels, query = sigmoid[i][order], order % classes, order // classes
             else:
                 e = np.exp(logits[i] - logits[i].max(-1, keepdims=True))
                 probs = (e / e.sum(-1, keepdims=True))[:, :-1]
                 labels, scores = probs.argmax(-1), probs.max(-1)
-                query = np.argsort(-scores, kind="stable")[: min(k, queries)]
+                query = top_above(scores, k, threshold)
                 scores, labels = scores[query], labels[query]
-            keep = scores > threshold
-            results.append({"scores": scores[keep], "labels": labels[keep].astype(np.int64),
-                            "boxes": xyxy[i][query][keep]})
+            results.append({"scores": scores, "labels": labels.astype(np.int64), "boxes": xyxy[i][query]})
         return results
+
+
+def top_above(scores: np.ndarray, k: int, threshold: float) -> np.ndarray:
+    """Indices of the scores above `threshold` among the `k` highest of the 1-d `scores`, highest first, ties by
+    the lower index: exactly `argsort(-scores, kind="stable")[:k]` with the scores <= threshold dropped.
+
+    Faster than that sort (r18vd's 300 x 80 scores: ~2.2 ms stable-sorted): only the scores above the threshold
+    are sorted, and when more than `k` pass, a partition first picks the `k` highest (those tied with the k-th
+    highest by their lower index, as the stable sort would)."""
+    candidates = np.flatnonzero(scores > threshold)  # ascending indices; NaN never passes
+    values = scores[candidates]
+    if candidates.size > k:
+        kth = np.partition(values, candidates.size - k)[candidates.size - k]  # the k-th highest
+        above = values > kth
+        tied = np.flatnonzero(values == kth)[: k - int(above.sum())]  # the lowest indices among the ties
+        chosen = np.sort(np.concatenate([np.flatnonzero(above), tied]))
+        candidates, values = candidates[chosen], values[chosen]
+    return candidates[np.argsort(-values, kind="stable")]

@@ -94,6 +94,45 @@ def test_post_process_matches_transformers(theirs):
                                                              target_sizes=[(1, 2)])
 
 
+def test_top_above_equals_the_stable_sort():
+    """`top_above` is the first k of a stable descending argsort with the scores <= threshold dropped, ties and
+    NaN included; checked on scores with many ties (a handful of distinct values) and on continuous ones."""
+    from rtdetr_jax.processing import top_above
+
+    rng = np.random.default_rng(0)
+    cases = 0
+    for trial in range(300):
+        n = int(rng.integers(1, 60))
+        if trial % 3 == 0:
+            scores = rng.integers(0, 5, n).astype(np.float32) / 4  # heavy ties, some at the threshold
+        else:
+            scores = rng.uniform(0, 1, n).astype(np.float32)
+        if trial % 7 == 0:
+            scores[rng.integers(0, n, 3)] = np.nan
+        k = int(rng.integers(1, n + 3))
+        threshold = float(rng.choice([0.0, 0.25, 0.5, 0.9, 1.0]))
+        order = np.argsort(-scores, kind="stable")[:k]
+        expected = order[scores[order] > threshold]
+        got = top_above(scores, k, threshold)
+        np.testing.assert_array_equal(got, expected, err_msg=f"trial {trial}: k={k} threshold={threshold}")
+        cases += got.size > 0 and np.flatnonzero(scores > threshold).size > k
+    assert cases > 50  # the partition branch ran often
+
+
+def test_post_process_top_k_and_softmax_paths():
+    """top_k limits the detections (highest first); the softmax path drops the last (no-object) class."""
+    logits = np.full((1, 4, 3), -10.0, np.float32)
+    logits[0, 0, 1], logits[0, 2, 0], logits[0, 3, 2] = 3.0, 2.0, 1.0
+    boxes = np.tile(np.array([0.5, 0.5, 0.2, 0.2], np.float32), (1, 4, 1))
+    p = RTDetrImageProcessor()
+    res = p.post_process_object_detection({"logits": logits, "pred_boxes": boxes}, threshold=0.5, top_k=2)[0]
+    np.testing.assert_array_equal(res["labels"], [1, 0])
+    assert res["scores"][0] > res["scores"][1] > 0.5 and res["boxes"].shape == (2, 4)
+    soft = p.post_process_object_detection({"logits": logits, "pred_boxes": boxes}, threshold=0.5,
+                                           use_focal_loss=False)[0]
+    np.testing.assert_array_equal(soft["labels"], [1, 0])  # query 3's best is the no-object class: dropped
+
+
 def test_processor_config_round_trip(tmp_path):
     from transformers import RTDetrImageProcessor as TorchProcessor
 
