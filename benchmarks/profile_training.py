@@ -107,8 +107,7 @@ def jax_side(args) -> dict:
     holder = {"state": state}
 
     def train_step():
-        holder["state"], metrics = steps.train_step(holder["state"], *batch)
-        jax.block_until_ready(metrics)
+        holder["state"], _ = steps.settle(steps.train_step(holder["state"], *batch))
 
     fns = {"backbone": lambda: jax.block_until_ready(grad_backbone(params)),
            "encoder": lambda: jax.block_until_ready(grad_encoder(params)),
