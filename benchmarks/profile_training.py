@@ -107,7 +107,8 @@ def jax_side(args) -> dict:
     holder = {"state": state}
 
     def train_step():
-        holder["state"], _ = steps.settle(steps.train_step(holder["state"], *batch))
+        holder["state"], metrics = steps.train_step(holder["state"], *batch)
+        jax.block_until_ready(metrics)
 
     fns = {"backbone": lambda: jax.block_until_ready(grad_backbone(params)),
            "encoder": lambda: jax.block_until_ready(grad_encoder(params)),

@@ -115,23 +115,3 @@ def test_bfloat16_training_step():
     state32 = steps32.replicate(create_train_state(model.variables, tx, seed=0))
     _, metrics32 = steps32.train_step(state32, *steps32.shard_batch((pixels, targets)))
     assert abs(loss - float(metrics32["loss"])) <= 0.05 * abs(float(metrics32["loss"])), (loss, metrics32["loss"])
-
-
-def test_settle_waits_and_releases_on_the_cpu_only(monkeypatch):
-    """`Steps.settle`: on the CPU it hands back tcmalloc's surplus pages, then waits for the step's outputs (the
-    training loop's steps do not queue behind each other there); on an accelerator it returns at once."""
-    import types
-
-    from rtdetr_jax.train import step as step_module
-
-    calls = []
-    monkeypatch.setattr(step_module, "release_surplus_heap", lambda: calls.append("release") or False)
-    waited = []
-    real_wait = jax.block_until_ready
-    monkeypatch.setattr(step_module.jax, "block_until_ready", lambda x: waited.append(x) or real_wait(x))
-    outputs = ({"loss": jnp.ones(())}, jnp.arange(3))
-    cpu = step_module.Steps(None, None, step_module.data_mesh())
-    assert cpu.settle(outputs) is outputs and calls == ["release"] and waited == [outputs]
-    gpu_mesh = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform="gpu")]))
-    assert step_module.Steps(None, None, gpu_mesh).settle(outputs) is outputs
-    assert calls == ["release"] and len(waited) == 1

@@ -73,7 +73,7 @@ def evaluate(steps, variables, loader, top_k: int = 300, progress=None) -> dict[
     """Run `steps.eval_step` with `variables` over `loader` (eval mode) and score with COCO mAP."""
     detections = []
     for batch in loader.epoch(0):
-        logits, boxes = steps.settle(steps.eval_step(variables, steps.shard_batch(batch.pixel_values)))
+        logits, boxes = steps.eval_step(variables, steps.shard_batch(batch.pixel_values))
         detections += detections_from_outputs(np.asarray(logits), np.asarray(boxes), batch.image_ids,
                                               batch.sizes, loader.dataset.label_to_category_id, top_k)
         if progress is not None:

@@ -203,7 +203,7 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
             ep = position["epoch"]
             for batch in train_loader.epoch(ep, position["next_batch"]):
                 pixel_values, targets = steps.shard_batch((batch.pixel_values, batch.targets))
-                state, metrics = steps.settle(steps.train_step(state, pixel_values, targets))
+                state, metrics = steps.train_step(state, pixel_values, targets)
                 step += 1
                 done = batch.index + 1 == per_epoch
                 position = {"epoch": ep + 1, "next_batch": 0} if done else {"epoch": ep, "next_batch": batch.index + 1}

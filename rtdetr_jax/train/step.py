@@ -19,7 +19,6 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rtdetr_jax.config import RTDetrV2Config
-from rtdetr_jax.host_memory import release_surplus_heap
 from rtdetr_jax.loss.criterion import Targets, rtdetr_loss
 from rtdetr_jax.modeling.denoising import contrastive_denoising_group
 from rtdetr_jax.modeling.detector import RTDetrV2Detector
@@ -61,23 +60,6 @@ class Steps:
 
     def replicate(self, tree):
         return jax.device_put(tree, self.replicated)
-
-    def settle(self, outputs):
-        """Call right after dispatching a step, with its outputs. On the CPU: hand back tcmalloc's surplus free
-        pages (host_memory.release_surplus_heap), then wait for `outputs`. Elsewhere: nothing (accelerators keep
-        steps queued, so the host prepares the next batch while one runs). Returns `outputs`.
-
-        Why on the CPU: XLA:CPU frees a step's scratch block (~2.9 GB for r18vd at batch 4 x 640) just after the
-        step's outputs are ready, so a step queued behind another (the loop dispatching without waiting) takes a
-        second block as it starts, and tcmalloc keeps both. Measured on the 2-core development machine, the
-        training command on r18vd at batch 4 x 640, 16 steps: process peak 7.76 GB queued, 4.58 and 4.99 GB
-        settled, at the same speed (0.63-0.68 images/s queued, 0.64-0.70 settled but one window of 0.47;
-        benchmarks/README.md, "The training loop's scratch memory")."""
-        if self.mesh.devices.flat[0].platform != "cpu":
-            return outputs
-        release_surplus_heap()
-        jax.block_until_ready(outputs)
-        return outputs
 
 
 def make_steps(config: RTDetrV2Config, optim: OptimConfig, tx: optax.GradientTransformation, *,
