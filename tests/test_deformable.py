@@ -6,7 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rtdetr_jax.modeling.deformable import multi_scale_deformable_sampling
+from rtdetr_jax.modeling.deformable import (
+    MultiscaleDeformableAttention,
+    _project_then_sample,
+    _sample_then_project,
+    _sampling_taps,
+    multi_scale_deformable_sampling,
+    projected_deformable_sampling,
+)
 
 
 def numpy_reference(value, shapes, locations, weights, points, method):
@@ -87,3 +94,97 @@ def test_point_count_mismatch_is_an_error():
     with pytest.raises(ValueError, match="points_per_level"):
         multi_scale_deformable_sampling(jnp.asarray(value), ((2, 2), (1, 1)), jnp.asarray(locations),
                                         jnp.asarray(weights), (2, 3), "default")
+
+
+def projection_inputs(points, shapes, seed, b=2, q=5, h=2, d=3, channels=4):
+    """Memory and a value projection (kernel, bias) with sampling locations and weights for `h` heads of `d`."""
+    _, locations, weights = random_inputs(points, shapes, seed=seed, b=b, q=q, h=h, d=d)
+    rng = np.random.default_rng(seed + 100)
+    s = sum(hh * ww for hh, ww in shapes)
+    return (rng.normal(size=(b, s, channels)), rng.normal(size=(channels, h * d)), rng.normal(size=(h * d,)),
+            locations, weights)
+
+
+@pytest.mark.parametrize("method", ["default", "discrete"])
+@pytest.mark.parametrize("points", [(4, 4, 4), (2, 4, 3)])
+def test_projected_sampling_matches_numpy_reference(points, method):
+    shapes = ((6, 8), (3, 4), (2, 2))
+    memory, kernel, bias, locations, weights = projection_inputs(points, shapes, seed=sum(points) + 1)
+    b, s, _ = memory.shape
+    value = (memory @ kernel + bias).reshape(b, s, 2, 3)
+    expected = numpy_reference(value, shapes, locations, weights, points, method)
+    with jax.enable_x64(True):
+        args = [jnp.asarray(a) for a in (memory, kernel, bias)]
+        ours = projected_deformable_sampling(*args, shapes, jnp.asarray(locations), jnp.asarray(weights), points,
+                                             method)
+        np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-10)
+        # both forms, whichever platform this runs on
+        index, weight = _sampling_taps(shapes, jnp.asarray(locations), jnp.asarray(weights), points, method)
+        for form in (_project_then_sample, _sample_then_project):
+            out = np.asarray(form(*args, index, weight)).reshape(expected.shape)
+            np.testing.assert_allclose(out, expected, atol=1e-10, err_msg=form.__name__)
+    args32 = [jnp.asarray(a, jnp.float32) for a in (memory, kernel, bias, locations, weights)]
+    ours32 = projected_deformable_sampling(*args32[:3], shapes, *args32[3:], points, method)
+    if method == "default":  # rounding boundaries make the discrete float32 case non-comparable point-wise
+        np.testing.assert_allclose(np.asarray(ours32), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["default", "discrete"])
+def test_projected_sampling_derivatives_match_projecting_first(method):
+    """Reverse and forward mode through the projected sampling equal those of projecting the value with a matmul
+    and sampling it, for the memory, the projection, the locations and the attention weights."""
+    points, shapes = (2, 4, 3), ((6, 8), (3, 4), (2, 2))
+    inputs = projection_inputs(points, shapes, seed=7)
+    cotangent = np.random.default_rng(8).normal(size=(2, 5, 6))
+
+    def projected(memory, kernel, bias, locations, weights):
+        return projected_deformable_sampling(memory, kernel, bias, shapes, locations, weights, points, method)
+
+    def projecting_first(memory, kernel, bias, locations, weights):
+        value = (memory @ kernel + bias).reshape(*memory.shape[:2], 2, 3)
+        return multi_scale_deformable_sampling(value, shapes, locations, weights, points, method)
+
+    with jax.enable_x64(True):
+        inputs = [jnp.asarray(a) for a in inputs]
+        argnums = tuple(range(5))
+        ours = jax.grad(lambda *a: jnp.sum(projected(*a) * cotangent), argnums)(*inputs)
+        expected = jax.grad(lambda *a: jnp.sum(projecting_first(*a) * cotangent), argnums)(*inputs)
+        for name, a, e in zip(("memory", "kernel", "bias", "locations", "weights"), ours, expected):
+            # rounding has no derivative in the locations
+            assert (float(jnp.abs(e).max()) > 0) == (name != "locations" or method == "default"), name
+            np.testing.assert_allclose(np.asarray(a), np.asarray(e), atol=1e-10, err_msg=name)
+        tangents = [jnp.asarray(np.random.default_rng(9).normal(size=a.shape)) for a in inputs]
+        _, ours_t = jax.jvp(projected, inputs, tangents)
+        _, expected_t = jax.jvp(projecting_first, inputs, tangents)
+        np.testing.assert_allclose(np.asarray(ours_t), np.asarray(expected_t), atol=1e-10)
+
+
+def test_projected_sampling_rejects_a_projection_that_does_not_fit():
+    shapes = ((2, 2), (1, 1))
+    memory, kernel, bias, locations, weights = projection_inputs((2, 2), shapes, seed=3)
+    with pytest.raises(ValueError, match=r"value projection kernel \(5, 6\)"):
+        projected_deformable_sampling(jnp.asarray(memory), jnp.zeros((5, 6)), jnp.asarray(bias), shapes,
+                                      jnp.asarray(locations), jnp.asarray(weights), (2, 2))
+    with pytest.raises(ValueError, match=r"bias \(5,\)"):
+        projected_deformable_sampling(jnp.asarray(memory), jnp.asarray(kernel), jnp.zeros(5), shapes,
+                                      jnp.asarray(locations), jnp.asarray(weights), (2, 2))
+
+
+def test_attention_without_a_mask_equals_an_all_true_mask():
+    """The unmasked attention projects inside the sampling; with a mask it projects first. Same parameters (one
+    `value_proj` kernel and bias, as the converter names them), same output."""
+    shapes = ((6, 8), (3, 4))
+    rng = np.random.default_rng(11)
+    queries = jnp.asarray(rng.normal(size=(2, 5, 16)), jnp.float32)
+    memory = jnp.asarray(rng.normal(size=(2, 60, 16)), jnp.float32)
+    reference = jnp.asarray(rng.uniform(0.2, 0.8, size=(2, 5, 1, 4)), jnp.float32)
+    module = MultiscaleDeformableAttention(16, 2, (3, 2))
+    params = module.init(jax.random.PRNGKey(0), queries, None, memory, reference, shapes)
+    masked_params = module.init(jax.random.PRNGKey(0), queries, None, memory, reference, shapes,
+                                jnp.ones((2, 60), bool))
+    assert jax.tree_util.tree_map(jnp.shape, params) == jax.tree_util.tree_map(jnp.shape, masked_params)
+    assert params["params"]["value_proj"]["kernel"].shape == (16, 16)
+    params = jax.tree_util.tree_map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
+    unmasked = module.apply(params, queries, None, memory, reference, shapes)
+    masked = module.apply(params, queries, None, memory, reference, shapes, jnp.ones((2, 60), bool))
+    np.testing.assert_allclose(np.asarray(unmasked), np.asarray(masked), atol=1e-5)
