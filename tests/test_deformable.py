@@ -188,3 +188,18 @@ def test_attention_without_a_mask_equals_an_all_true_mask():
     unmasked = module.apply(params, queries, None, memory, reference, shapes)
     masked = module.apply(params, queries, None, memory, reference, shapes, jnp.ones((2, 60), bool))
     np.testing.assert_allclose(np.asarray(unmasked), np.asarray(masked), atol=1e-5)
+
+
+def test_projected_sampling_in_bfloat16_stays_near_float32():
+    """bfloat16 memory and projection: the taps are summed in float32, so the result is the float32 one up to
+    bfloat16's rounding of the inputs, the sums and the product (relative 2^-8 each)."""
+    points, shapes = (4, 4, 4), ((6, 8), (3, 4), (2, 2))
+    memory, kernel, bias, locations, weights = projection_inputs(points, shapes, seed=12, q=40, channels=64)
+    f32 = projected_deformable_sampling(*(jnp.asarray(a, jnp.float32) for a in (memory, kernel, bias)), shapes,
+                                        jnp.asarray(locations, jnp.float32), jnp.asarray(weights, jnp.float32), points)
+    bf16 = projected_deformable_sampling(*(jnp.asarray(a, jnp.bfloat16) for a in (memory, kernel, bias)), shapes,
+                                         jnp.asarray(locations, jnp.float32), jnp.asarray(weights, jnp.float32),
+                                         points)
+    assert bf16.dtype == jnp.bfloat16
+    scale = float(jnp.abs(f32).max())
+    assert float(jnp.abs(bf16.astype(jnp.float32) - f32).max()) < 2e-2 * scale

@@ -142,21 +142,23 @@ def _sample_then_project(memory, kernel, bias, index, weight):
     channels = memory.shape[-1]
     head_dim = kernel.shape[1] // heads
     dtype = memory.dtype
+    sum_dtype = precise_dtype(dtype)  # the 4-48 terms are summed in float32 also for bfloat16 memory
     # head-major taps, so that the sums come out as the (heads, rows, channels) operand of a batched matmul
     index = jnp.transpose(index, (0, 2, 1, 3))  # (batch, heads, queries, taps)
-    weight = jnp.transpose(weight, (2, 0, 1, 3)).astype(dtype)  # (heads, batch, queries, taps)
+    weight = jnp.transpose(weight, (2, 0, 1, 3)).astype(sum_dtype)  # (heads, batch, queries, taps)
     summed = None
     for tap in range(taps):
         rows = index[..., tap].reshape(batch, heads * queries, 1)
         # (heads, batch, queries, channels)
         sampled = jnp.take_along_axis(memory, rows, axis=1, mode="clip").reshape(batch, heads, queries, channels)
-        term = weight[..., tap, None] * jnp.transpose(sampled, (1, 0, 2, 3))
+        term = weight[..., tap, None] * jnp.transpose(sampled, (1, 0, 2, 3)).astype(sum_dtype)
         summed = term if summed is None else summed + term
     # (heads, channels, head_dim)
     head_kernels = jnp.transpose(kernel.reshape(channels, heads, head_dim), (1, 0, 2))
-    out = jax.lax.dot_general(summed.reshape(heads, batch * queries, channels), head_kernels,
+    out = jax.lax.dot_general(summed.astype(dtype).reshape(heads, batch * queries, channels), head_kernels,
                               (((2,), (1,)), ((0,), (0,))))
-    out = out.reshape(heads, batch, queries, head_dim) + weight.sum(-1)[..., None] * bias.reshape(heads, 1, 1, -1)
+    bias_term = (weight.sum(-1)[..., None] * bias.reshape(heads, 1, 1, -1)).astype(dtype)
+    out = out.reshape(heads, batch, queries, head_dim) + bias_term
     return jnp.transpose(out, (1, 2, 0, 3))
 
 
