@@ -203,3 +203,31 @@ def test_projected_sampling_in_bfloat16_stays_near_float32():
     assert bf16.dtype == jnp.bfloat16
     scale = float(jnp.abs(f32).max())
     assert float(jnp.abs(bf16.astype(jnp.float32) - f32).max()) < 2e-2 * scale
+
+
+def _dot_operand_shapes(fn, *args):
+    """The operand types of every dot_general in `fn`'s StableHLO for the default backend."""
+    text = jax.jit(fn).lower(*args).as_text()
+    return [line.rsplit(":", 1)[1] for line in text.splitlines() if "stablehlo.dot_general" in line]
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the projection moves after the sampling on the CPU only")
+def test_on_the_cpu_the_forward_projects_only_the_sampled_rows():
+    """60 tokens x 16 channels at batch 2, 5 queries x 2 heads: on the CPU the forward's only product is the
+    per-head one of the 10 sampled sums, (2, 10, 16) x (2, 16, 8); projecting first multiplies all 120 token rows,
+    which is what the derivatives do."""
+    shapes, points = ((6, 8), (3, 4)), (3, 2)
+    memory, kernel, bias, locations, weights = (jnp.asarray(a, jnp.float32) for a in projection_inputs(
+        points, shapes, seed=1, q=5, h=2, d=8, channels=16))
+
+    def forward(m, k, b, loc, w):
+        return projected_deformable_sampling(m, k, b, shapes, loc, w, points)
+
+    every_token = "tensor<120x16xf32>, tensor<16x16xf32>"
+    assert _dot_operand_shapes(forward, memory, kernel, bias, locations, weights) == [
+        " (tensor<2x10x16xf32>, tensor<2x16x8xf32>) -> tensor<2x10x8xf32>"]
+    index, weight = _sampling_taps(shapes, locations, weights, points, "default")
+    assert any(every_token in s for s in _dot_operand_shapes(_project_then_sample, memory, kernel, bias, index,
+                                                             weight))
+    gradient = jax.grad(lambda *a: jnp.sum(forward(*a) ** 2), argnums=(0, 1, 2))
+    assert any(every_token in s for s in _dot_operand_shapes(gradient, memory, kernel, bias, locations, weights))

@@ -227,7 +227,9 @@ class LinearParameters(nn.Module):
 
 
 class MultiscaleDeformableAttention(nn.Module):
-    """RT-DETRv2 deformable cross-attention (`RTDetrV2MultiscaleDeformableAttention`).
+    """RT-DETRv2 deformable cross-attention (`RTDetrV2MultiscaleDeformableAttention`). Without a `value_mask` the
+    value projection (`value_proj`, the same parameters) is applied by `projected_deformable_sampling`, on the CPU
+    after the sampling; with one it is applied first, to every token, as transformers does.
 
     Args:
       hidden_states: (batch, queries, d_model) queries.
