@@ -170,9 +170,30 @@ def test_projected_sampling_rejects_a_projection_that_does_not_fit():
                                       jnp.asarray(locations), jnp.asarray(weights), (2, 2))
 
 
-def test_attention_without_a_mask_equals_an_all_true_mask():
-    """The unmasked attention projects inside the sampling; with a mask it projects first. Same parameters (one
-    `value_proj` kernel and bias, as the converter names them), same output."""
+@pytest.mark.parametrize("method", ["default", "discrete"])
+def test_projected_sampling_with_a_value_mask_zeroes_the_masked_projected_values(method):
+    """A masked token's projected value, bias included, is 0: the same as sampling `where(mask, memory @ kernel +
+    bias, 0)`."""
+    points, shapes = (2, 4, 3), ((6, 8), (3, 4), (2, 2))
+    memory, kernel, bias, locations, weights = projection_inputs(points, shapes, seed=13)
+    mask = np.random.default_rng(14).random(memory.shape[:2]) < 0.6
+    value = np.where(mask[..., None], memory @ kernel + bias, 0.0).reshape(*memory.shape[:2], 2, 3)
+    expected = numpy_reference(value, shapes, locations, weights, points, method)
+    with jax.enable_x64(True):
+        ours = projected_deformable_sampling(*(jnp.asarray(a) for a in (memory, kernel, bias)), shapes,
+                                             jnp.asarray(locations), jnp.asarray(weights), points, method,
+                                             jnp.asarray(mask))
+        np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-10)
+    with pytest.raises(ValueError, match=r"value_mask has shape \(2, 63\), expected \(batch, tokens\) = \(2, 64\)"):
+        projected_deformable_sampling(*(jnp.asarray(a) for a in (memory, kernel, bias)), shapes,
+                                      jnp.asarray(locations), jnp.asarray(weights), points, method,
+                                      jnp.asarray(mask[:, 1:]))
+
+
+def test_attention_value_mask():
+    """The attention's parameters are the same with and without a mask (one `value_proj` kernel and bias, as the
+    converter names them); an all-True mask changes nothing, and an all-False one leaves only `output_proj`'s
+    bias."""
     shapes = ((6, 8), (3, 4))
     rng = np.random.default_rng(11)
     queries = jnp.asarray(rng.normal(size=(2, 5, 16)), jnp.float32)
@@ -186,8 +207,12 @@ def test_attention_without_a_mask_equals_an_all_true_mask():
     assert params["params"]["value_proj"]["kernel"].shape == (16, 16)
     params = jax.tree_util.tree_map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
     unmasked = module.apply(params, queries, None, memory, reference, shapes)
-    masked = module.apply(params, queries, None, memory, reference, shapes, jnp.ones((2, 60), bool))
-    np.testing.assert_allclose(np.asarray(unmasked), np.asarray(masked), atol=1e-5)
+    all_true = module.apply(params, queries, None, memory, reference, shapes, jnp.ones((2, 60), bool))
+    np.testing.assert_allclose(np.asarray(unmasked), np.asarray(all_true), atol=1e-6)
+    all_false = module.apply(params, queries, None, memory, reference, shapes, jnp.zeros((2, 60), bool))
+    output_bias = np.broadcast_to(np.asarray(params["params"]["output_proj"]["bias"]), all_false.shape)
+    np.testing.assert_allclose(np.asarray(all_false), output_bias, atol=1e-6)
+    assert float(jnp.abs(unmasked - all_false).max()) > 0.1
 
 
 def test_projected_sampling_in_bfloat16_stays_near_float32():

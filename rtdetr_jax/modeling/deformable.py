@@ -192,6 +192,7 @@ def projected_deformable_sampling(
     attention_weights,
     points_per_level,
     method: str = "default",
+    value_mask=None,
 ):
     """`multi_scale_deformable_sampling` of the projected value `memory @ kernel + bias`, split into heads.
 
@@ -200,6 +201,8 @@ def projected_deformable_sampling(
       kernel: (channels, heads * head_dim) and bias: (heads * head_dim,), the value projection.
       sampling_locations, attention_weights, spatial_shapes, points_per_level, method: as
         `multi_scale_deformable_sampling`, whose heads are sampling_locations.shape[2].
+      value_mask: optional (batch, tokens) bool, False where the projected value is zero (its bias too): such
+        tokens' taps get weight 0.
     Returns:
       (batch, queries, heads * head_dim)
     """
@@ -207,7 +210,13 @@ def projected_deformable_sampling(
     if kernel.shape[0] != memory.shape[-1] or kernel.shape[1] % heads or bias.shape != (kernel.shape[1],):
         raise ValueError(f"value projection kernel {kernel.shape} and bias {bias.shape} do not fit memory "
                          f"{memory.shape} split into {heads} heads")
+    if value_mask is not None and value_mask.shape != memory.shape[:2]:
+        raise ValueError(f"value_mask has shape {value_mask.shape}, expected (batch, tokens) = {memory.shape[:2]}")
     index, weight = _sampling_taps(spatial_shapes, sampling_locations, attention_weights, points_per_level, method)
+    if value_mask is not None:
+        # (batch, queries, heads, taps): whether each tap's token is kept
+        kept = jnp.take_along_axis(value_mask, index.reshape(index.shape[0], -1), axis=1).reshape(index.shape)
+        weight = jnp.where(kept, weight, 0.0)
     out = _projected_sampling(memory, kernel, bias, index, weight)
     return out.reshape(*out.shape[:2], -1)
 
@@ -227,9 +236,9 @@ class LinearParameters(nn.Module):
 
 
 class MultiscaleDeformableAttention(nn.Module):
-    """RT-DETRv2 deformable cross-attention (`RTDetrV2MultiscaleDeformableAttention`). Without a `value_mask` the
-    value projection (`value_proj`, the same parameters) is applied by `projected_deformable_sampling`, on the CPU
-    after the sampling; with one it is applied first, to every token, as transformers does.
+    """RT-DETRv2 deformable cross-attention (`RTDetrV2MultiscaleDeformableAttention`). The value projection
+    (`value_proj`) is applied by `projected_deformable_sampling`: on the CPU after the sampling, elsewhere and in
+    derivatives to every token first, as transformers does.
 
     Args:
       hidden_states: (batch, queries, d_model) queries.
@@ -253,21 +262,13 @@ class MultiscaleDeformableAttention(nn.Module):
     def __call__(self, hidden_states, position_embeddings, encoder_hidden_states, reference_points, spatial_shapes,
                  value_mask=None):
         b, q, _ = hidden_states.shape
-        s = encoder_hidden_states.shape[1]
         heads = self.num_heads
         total_points = sum(self.points_per_level)
         if position_embeddings is not None:
             hidden_states = hidden_states + position_embeddings
 
-        if value_mask is None:
-            # the value projection is applied inside the sampling (`projected_deformable_sampling`)
-            value_kernel, value_bias = LinearParameters(encoder_hidden_states.shape[-1], self.d_model,
-                                                        name="value_proj")()
-        else:
-            value = dense(self.d_model, "value_proj", self.dtype)(encoder_hidden_states)
-            value = jnp.where(value_mask[..., None], value, 0)
-            # (batch, tokens, heads, head_dim)
-            value = value.reshape(b, s, heads, self.d_model // heads)
+        # the value projection is applied inside the sampling (`projected_deformable_sampling`)
+        value_kernel, value_bias = LinearParameters(encoder_hidden_states.shape[-1], self.d_model, name="value_proj")()
         # (batch, queries, heads, levels * points, 2)
         offsets = dense(heads * total_points * 2, "sampling_offsets", self.dtype)(hidden_states)
         fdtype = precise_dtype(self.dtype)
@@ -291,13 +292,8 @@ class MultiscaleDeformableAttention(nn.Module):
         else:
             raise ValueError(f"reference_points must end in 2 or 4 coordinates, got shape {reference_points.shape}")
 
-        if value_mask is None:
-            out = projected_deformable_sampling(
-                encoder_hidden_states.astype(self.dtype), value_kernel.astype(self.dtype),
-                value_bias.astype(self.dtype), spatial_shapes, locations, weights, self.points_per_level, self.method
-            )
-        else:
-            out = multi_scale_deformable_sampling(
-                value, spatial_shapes, locations, weights, self.points_per_level, self.method
-            )
+        out = projected_deformable_sampling(
+            encoder_hidden_states.astype(self.dtype), value_kernel.astype(self.dtype), value_bias.astype(self.dtype),
+            spatial_shapes, locations, weights, self.points_per_level, self.method, value_mask
+        )
         return dense(self.d_model, "output_proj", self.dtype)(out.astype(self.dtype))
