@@ -164,16 +164,18 @@ def _sample_then_project(memory, kernel, bias, index, weight):
 
 @jax.custom_jvp
 def _projected_sampling(memory, kernel, bias, index, weight):
-    # XLA:CPU gets the projection-last form; elsewhere (GPU, TPU) the projection's matmul is cheap and the 8x
-    # wider gathers are not, so the value is projected first, as transformers does.
+    # XLA:CPU gets the projection-last form. Elsewhere (GPU, TPU) the value is projected first, as transformers
+    # does: there the projection's matmul should be cheap and the 8x wider gathers not (not measured: no GPU has
+    # been lent to this project's sessions).
     return jax.lax.platform_dependent(memory, kernel, bias, index, weight, cpu=_sample_then_project,
                                       default=_project_then_sample)
 
 
 @_projected_sampling.defjvp
 def _projected_sampling_jvp(primals, tangents):
-    # Derivatives always go through the projection-first form: its reverse pass scatters 8x narrower rows, and
-    # on the CPU the two forms took the same time with a batch-4 backward (the wide gathers are memory-bound).
+    # Derivatives always go through the projection-first form: its reverse pass scatters 8x narrower rows. On the
+    # CPU the projection-last form with its own backward took one layer's forward and backward at batch 4 (500
+    # queries) from 117 to 125-136 ms: there the wide gathers are bound by the cache's bandwidth.
     memory, kernel, bias, index, weight = primals
     d_memory, d_kernel, d_bias, _, d_weight = tangents
 
