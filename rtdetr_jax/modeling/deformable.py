@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rtdetr_jax.modeling.layers import Dtype, dense, precise_dtype
+from rtdetr_jax.modeling.layers import Dtype, LinearParameters, dense, precise_dtype
 
 
 def _level_tables(spatial_shapes, points_per_level):
@@ -221,20 +221,6 @@ def projected_deformable_sampling(
         weight = jnp.where(kept, weight, 0.0)
     out = _projected_sampling(memory, kernel, bias, index, weight)
     return out.reshape(*out.shape[:2], -1)
-
-
-class LinearParameters(nn.Module):
-    """A linear layer's kernel and bias under `nn.Dense`'s names and initialisers, for a caller that applies them
-    itself (`projected_deformable_sampling`)."""
-
-    in_features: int
-    features: int
-
-    @nn.compact
-    def __call__(self):
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (self.in_features, self.features), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
-        return kernel, bias
 
 
 class MultiscaleDeformableAttention(nn.Module):

@@ -144,6 +144,20 @@ def dense(features: int, name: str, dtype: Dtype = jnp.float32, use_bias: bool =
                     dot_general=rows_dot_general)
 
 
+class LinearParameters(nn.Module):
+    """A linear layer's kernel and bias under `nn.Dense`'s names and initialisers, for a caller that applies them
+    itself (the deformable attention's `value_proj`, applied inside `projected_deformable_sampling`)."""
+
+    in_features: int
+    features: int
+
+    @nn.compact
+    def __call__(self):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (self.in_features, self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        return kernel, bias
+
+
 def layer_norm(name: str, eps: float, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name)
 
