@@ -1,0 +1,193 @@
+"""rtdetr-jax's C++ CPU kernels: built once per machine with the host's C++ compiler, cached, and registered with
+XLA as FFI custom calls.
+
+One kernel so far, `cpu_kernel_gradient.cc` (a convolution's kernel gradient, used by ops/kernel_gradient.py). It is
+compiled at `-O3 -march=native` into
+
+    $RTDETR_JAX_CACHE   (else $XDG_CACHE_HOME/rtdetr_jax, else ~/.cache/rtdetr_jax)  /native/NAME-KEY.so
+
+where KEY hashes the source, the compiler's version, the flags, jaxlib's version (whose headers it includes) and the
+CPU's model and feature flags, so a shared home folder never hands one machine's instructions to another. The
+build takes a few seconds, the first time a training step is traced; the library is written under a temporary
+name and renamed, so a failed or interrupted build leaves nothing behind. With `RTDETR_JAX_CACHE=off` it is built
+into a temporary folder for this process.
+
+`RTDETR_JAX_NATIVE` chooses: `on` (the default) uses the kernels where they apply and, when they cannot be built
+(no compiler, no jaxlib headers, a build error), warns once and falls back to XLA's own computation; `off` never
+uses them; `require` raises instead of falling back (CI sets it, so that a broken build fails the tests instead of
+passing them on the fallback).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+
+NATIVE_ENV = "RTDETR_JAX_NATIVE"
+CHOICES = ("on", "off", "require")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-ffp-contract=fast", "-fPIC", "-shared")
+HERE = os.path.dirname(os.path.abspath(__file__))
+KERNELS = {  # name -> (source file, FFI handler symbol)
+    "kernel_gradient": ("cpu_kernel_gradient.cc", "RtdetrKernelGradientF32"),
+}
+
+_lock = threading.Lock()
+_targets: dict[str, str | None] = {}  # name -> registered target, or None after a failed build
+_temp_dirs: list[str] = []
+_libraries: list = []
+
+
+class NativeBuildError(RuntimeError):
+    """A kernel could not be built or loaded (one line, naming the source file and the cause)."""
+
+
+def choice(environ=None) -> str:
+    environ = os.environ if environ is None else environ
+    value = environ.get(NATIVE_ENV, "on").strip().lower() or "on"
+    if value not in CHOICES:
+        raise ValueError(f"{NATIVE_ENV}={environ[NATIVE_ENV]!r}: use one of {', '.join(CHOICES)}")
+    return value
+
+
+def compiler(environ=None) -> str | None:
+    """The C++ compiler: `$CXX`, else c++ or g++ or clang++ on the PATH; None when there is none."""
+    environ = os.environ if environ is None else environ
+    if environ.get("CXX"):
+        return shutil.which(environ["CXX"])
+    for name in ("c++", "g++", "clang++"):
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+def _cpu_identity() -> str:
+    """The CPU's model and feature flags (what -march=native compiles for), or the platform where /proc is absent."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            first = fh.read().split("\n\n")[0]
+        return "\n".join(line for line in first.splitlines()
+                         if line.split(":")[0].strip() in ("vendor_id", "cpu family", "model", "flags", "Features"))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _build_dir() -> str:
+    from rtdetr_jax.convert.cache import cache_root
+
+    root = cache_root()
+    if root is not None:
+        return os.path.join(root, "native")
+    if not _temp_dirs:
+        _temp_dirs.append(tempfile.mkdtemp(prefix="rtdetr-jax-native-"))
+        import atexit
+
+        atexit.register(shutil.rmtree, _temp_dirs[0], ignore_errors=True)
+    return _temp_dirs[0]
+
+
+def build(name: str, cxx: str | None = None) -> str:
+    """Compile kernel `name` (or find it in the cache); returns the shared library's path. Raises NativeBuildError."""
+    import jax
+    import jaxlib
+
+    source_file, _ = KERNELS[name]
+    source_path = os.path.join(HERE, source_file)
+    cxx = cxx or compiler()
+    if cxx is None:
+        if os.environ.get("CXX"):
+            raise NativeBuildError(f"{source_file}: CXX={os.environ['CXX']!r} is not an executable")
+        raise NativeBuildError(f"{source_file}: no C++ compiler found (install g++, or set CXX)")
+    try:
+        with open(source_path, "rb") as fh:
+            source = fh.read()
+    except OSError as err:
+        raise NativeBuildError(f"{source_path}: {err.strerror}") from None
+    include = jax.ffi.include_dir()
+    if not os.path.isfile(os.path.join(include, "xla", "ffi", "api", "ffi.h")):
+        raise NativeBuildError(f"{source_file}: jaxlib's FFI headers are missing from {include}")
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        raise NativeBuildError(f"{source_file}: cannot run the compiler {cxx}: {err}") from None
+    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(),
+                                     jaxlib.__version__.encode(), _cpu_identity().encode()])).hexdigest()[:20]
+    folder = _build_dir()
+    target = os.path.join(folder, f"{name}-{key}.so")
+    if os.path.isfile(target):
+        return target
+    from rtdetr_jax.io_utils import atomic_path
+
+    try:
+        with atomic_path(target) as tmp:
+            command = [cxx, *FLAGS, "-I", include, source_path, "-o", tmp]
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+            except (OSError, subprocess.SubprocessError) as err:
+                raise NativeBuildError(f"{source_file}: the compiler {cxx} failed to run: {err}") from None
+            if done.returncode != 0:
+                lines = done.stderr.splitlines()
+                first = next((line for line in lines if "error" in line), " ".join(lines)[:300])
+                raise NativeBuildError(f"{source_file}: {os.path.basename(cxx)} exited with {done.returncode}: "
+                                       f"{first.strip()}")
+    except OSError as err:  # the cache folder: not creatable or not writable
+        raise NativeBuildError(f"{folder}: {err.strerror or err}") from None
+    return target
+
+
+def expected(name: str) -> bool:
+    """Whether kernel `name` is to be used, without building it: native kernels are not off, and it is registered
+    or, not tried yet, a C++ compiler is there (under `require`, always: `target` then raises if it fails)."""
+    mode = choice()
+    if mode == "off":
+        return False
+    if mode == "require":
+        return True
+    if name in _targets:
+        return _targets[name] is not None
+    return compiler() is not None
+
+
+def target(name: str) -> str | None:
+    """The XLA custom-call target of kernel `name`, built and registered on first use; None when native kernels
+    are off or (under `on`) could not be built. Raises NativeBuildError under `require`."""
+    mode = choice()
+    if mode == "off":
+        return None
+    with _lock:
+        if name not in _targets:
+            try:
+                _targets[name] = _register(name)
+            except NativeBuildError as err:
+                if mode == "require":
+                    raise
+                warnings.warn(f"{err}; using XLA's computation instead ({NATIVE_ENV}=off hides this)",
+                              RuntimeWarning, stacklevel=3)
+                _targets[name] = None
+        if _targets[name] is None and mode == "require":
+            raise NativeBuildError(f"{KERNELS[name][0]}: not available ({NATIVE_ENV}=require)")
+        return _targets[name]
+
+
+def _register(name: str) -> str:
+    import ctypes
+
+    import jax
+
+    path = build(name)
+    _, symbol = KERNELS[name]
+    try:
+        library = ctypes.cdll.LoadLibrary(path)
+        handler = getattr(library, symbol)
+    except (OSError, AttributeError) as err:
+        raise NativeBuildError(f"{path}: cannot load {symbol}: {err}") from None
+    registered = f"rtdetr_jax_{name}"
+    jax.ffi.register_ffi_target(registered, jax.ffi.pycapsule(handler), platform="cpu")
+    _libraries.append(library)  # keep it loaded for the process's lifetime
+    return registered
+
