@@ -15,7 +15,9 @@ Prints, per shape, the median time of each (ms) and its GFLOP/s, and checks each
 max error); also the forward for scale. A second table times the kernel gradients the library uses
 (rtdetr_jax/ops/kernel_gradient.py) against XLA's: at stride 1 the batch stacked into one tall image, its transpose
 by XLA, by a matmul with the identity and as a plain two-dimensional transpose; at stride 2 (the backbone's and
-the encoder's downsampling convolutions) one stride phase at a time. Writes benchmarks/results/kernel_gradient.json.
+the encoder's downsampling convolutions) one stride phase at a time; and at both strides the C++ kernel
+(`native_kernel_gradient`, rtdetr_jax/ops/cpu_kernel_gradient.cc), which the library takes on the CPU in float32
+where it builds. Writes benchmarks/results/kernel_gradient.json.
 JAX only: PyTorch has no counterpart to compare here (its kernel gradient is oneDNN's, measured inside
 bench_training.py's step).
 """
@@ -90,8 +92,8 @@ def library_rows(iters: int, rng) -> list[dict]:
 
     rows = []
     print("\n| kernel gradient of (3x3) | stride | XLA's | stacked, XLA's transpose | stacked, matmul transpose "
-          "| stacked, plain transpose | per stride phase |")
-    print("|---|---|---|---|---|---|---|")
+          "| stacked, plain transpose | per stride phase | C++ kernel |")
+    print("|---|---|---|---|---|---|---|---|")
     for n, h, w, cin, cout, stride in LIBRARY_SHAPES:
         x = jax.numpy.asarray(rng.standard_normal((n, h, w, cin), np.float32))
         dy = jax.numpy.asarray(rng.standard_normal((n, h // stride, w // stride, cout), np.float32))
@@ -101,6 +103,7 @@ def library_rows(iters: int, rng) -> list[dict]:
                      "stacked_plain_transpose": stacked("plain")}
         else:
             ways["phases"] = lambda x_, dy_: kg.phase_kernel_gradient(x_, dy_, (3, 3, cin, cout), stride, 1)
+        ways["native"] = lambda x_, dy_: kg.native_kernel_gradient(x_, dy_, (3, 3, cin, cout), stride, 1)
         row = {"shape": [n, h, w, cin, cout], "stride": stride}
         reference = None
         for name, fn in ways.items():
@@ -112,7 +115,7 @@ def library_rows(iters: int, rng) -> list[dict]:
         rows.append(row)
         cells = [f"{row[k] * 1e3:.0f} ms" if k in row else "-" for k in
                  ("xla_s", "stacked_xla_transpose_s", "stacked_matmul_transpose_s", "stacked_plain_transpose_s",
-                  "phases_s")]
+                  "phases_s", "native_s")]
         print(f"| ({n}, {h}, {w}, {cin}) -> {cout} | {stride} | " + " | ".join(cells) + " |", flush=True)
     worst = max(v for r in rows for k, v in r.items() if k.endswith("_rel_error"))
     print(f"(largest relative difference from XLA's kernel gradient: {worst:.1e})")

@@ -11,7 +11,7 @@ import pytest
 
 import rtdetr_jax.ops.kernel_gradient as kernel_gradient_module
 from conftest import torch_conv_with_gradients
-from rtdetr_jax.ops.kernel_gradient import conv2d_stacked_kernel_gradient, stacked_kernel_gradient
+from rtdetr_jax.ops.kernel_gradient import conv2d_with_kernel_gradient, stacked_kernel_gradient
 from rtdetr_jax.ops.xla_conv import xla_kernel_gradient
 
 torch = pytest.importorskip("torch")
@@ -43,8 +43,8 @@ def test_matches_torch_in_float64(shape, transpose):
     y_t, dx_t, dk_t = torch_conv_with_gradients(x, kernel, probe, padding=padding)
     with jax.enable_x64(True):
         dk = stacked_kernel_gradient(jnp.asarray(x), jnp.asarray(probe), (k, k), padding, transpose)
-        loss = lambda a, b: jnp.sum(conv2d_stacked_kernel_gradient(a, b, padding) * probe)  # noqa: E731
-        y = conv2d_stacked_kernel_gradient(jnp.asarray(x), jnp.asarray(kernel), padding)
+        loss = lambda a, b: jnp.sum(conv2d_with_kernel_gradient(a, b, padding, "stacked") * probe)  # noqa: E731
+        y = conv2d_with_kernel_gradient(jnp.asarray(x), jnp.asarray(kernel), padding, "stacked")
         dx, dk_vjp = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(kernel))
     assert dk.shape == kernel.shape and dk.dtype == jnp.float64
     for name, got, want in (("dkernel", dk, dk_t), ("y", y, y_t), ("dx", dx, dx_t), ("dkernel via grad", dk_vjp, dk_t)):
@@ -71,7 +71,7 @@ def test_dtype_of_the_input_and_of_the_kernel_kept():
     x = jnp.ones((2, 6, 5, 2), jnp.bfloat16)
     kernel = jnp.ones((3, 3, 2, 3), jnp.float32)
     assert stacked_kernel_gradient(x, jnp.ones((2, 6, 5, 3), jnp.float32), (3, 3), 1).dtype == jnp.bfloat16
-    dk = jax.grad(lambda k_: jnp.sum(conv2d_stacked_kernel_gradient(x, k_.astype(jnp.bfloat16), 1)))(kernel)
+    dk = jax.grad(lambda k_: jnp.sum(conv2d_with_kernel_gradient(x, k_.astype(jnp.bfloat16), 1, "stacked")))(kernel)
     assert dk.dtype == jnp.float32 and dk.shape == kernel.shape
 
 

@@ -13,7 +13,7 @@ from conftest import torch_conv_with_gradients
 from rtdetr_jax.modeling.layers import Conv2d
 from rtdetr_jax.ops.conv import (WINOGRAD_GRADIENT_MIN_CHANNELS, WINOGRAD_KERNEL_GRADIENT_MIN_CHANNELS,
                                  WINOGRAD_MIN_CHANNELS, conv2d, conv_algorithm, gradient_algorithms,
-                                 uses_stacked_kernel_gradient, uses_winograd)
+                                 uses_native_kernel_gradient, uses_stacked_kernel_gradient, uses_winograd)
 from rtdetr_jax.ops.xla_conv import plain_conv2d
 from rtdetr_jax.ops.winograd import winograd_conv3x3
 
@@ -121,10 +121,16 @@ def test_narrow_convolutions_on_many_pixels_stay_direct():
     assert uses_winograd((4, 160, 160, 128), (3, 3, 128, 128), jnp.float32, 1, 1) is on_cpu
 
 
-def test_gradient_choice():
-    """Winograd's input gradient from 128 channels, its kernel gradient from 256; below, the stacked kernel
-    gradient on the CPU at batch >= 2, XLA's at batch 1."""
+def test_gradient_choice(monkeypatch):
+    """Winograd's input gradient from 128 channels, its kernel gradient from 256; below, the C++ kernel gradient on
+    the CPU in float32 (ops/native.py), else the stacked one on the CPU at batch >= 2, XLA's at batch 1."""
     on_cpu = jax.default_backend() == "cpu"
+    monkeypatch.setenv("RTDETR_JAX_NATIVE", "require")
+    native = "native" if on_cpu else "xla"
+    assert gradient_algorithms((4, 80, 80, 64), (3, 3, 64, 64)) == ("xla", native)
+    assert gradient_algorithms((1, 80, 80, 128), (3, 3, 128, 128)) == ("winograd", native)
+    assert gradient_algorithms((4, 80, 80, 64), (3, 3, 64, 64), jnp.bfloat16) == ("xla", "stacked" if on_cpu else "xla")
+    monkeypatch.setenv("RTDETR_JAX_NATIVE", "off")
     stacked = "stacked" if on_cpu else "xla"
     assert gradient_algorithms((4, 80, 80, 64), (3, 3, 64, 64)) == ("xla", stacked)
     assert gradient_algorithms((4, 80, 80, 64), (3, 3, 64, 256)) == ("xla", stacked)
@@ -147,9 +153,11 @@ def test_where_the_stacked_kernel_gradient_is_used():
         assert not uses_stacked_kernel_gradient((4, 320, 320, 32), (3, 3, 32, 32), 1)
 
 
-def test_conv2d_batches_take_the_stacked_kernel_gradient_with_the_same_results():
-    """A 3x3 stride-1 convolution below Winograd's threshold at batch 3: its kernel gradient runs over the three
-    images stacked into one (on the CPU), with the same gradients as XLA's to float32 rounding."""
+def test_conv2d_batches_take_the_stacked_kernel_gradient_with_the_same_results(monkeypatch):
+    """A 3x3 stride-1 convolution below Winograd's threshold at batch 3, with the C++ kernel gradient off: its
+    kernel gradient runs over the three images stacked into one (on the CPU), with the same gradients as XLA's to
+    float32 rounding."""
+    monkeypatch.setenv("RTDETR_JAX_NATIVE", "off")
     rng = np.random.default_rng(11)
     x = jnp.asarray(rng.normal(size=(3, 9, 10, 8)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(3, 3, 8, 6)), jnp.float32)
@@ -182,8 +190,9 @@ def test_conv_algorithm_overrides_the_choice_within_its_block():
                                       WINOGRAD_MIN_CHANNELS, 16])
 def test_conv2d_module_takes_the_chosen_path_with_the_same_results(channels):
     """The Conv2d module at and below the channel thresholds: Winograd (matmuls, no convolution in the graph) or
-    XLA's convolution, both gradients by Winograd from 256 channels up (no convolution in the gradient's graph),
-    and either way the direct convolution's output and gradients to float32 rounding."""
+    XLA's convolution, both gradients by Winograd from 256 channels up, and from 128 the input gradient by Winograd
+    with the C++ kernel gradient where it is used (no convolution in the gradient's graph either way), and either
+    way the direct convolution's output and gradients to float32 rounding."""
     rng = np.random.default_rng(channels)
     x = jnp.asarray(rng.normal(size=(1, 64, 67, channels)), jnp.float32)  # odd width; 0.31 GFLOP at 64 channels
     module = Conv2d(features=channels, kernel_size=3)
@@ -196,8 +205,9 @@ def test_conv2d_module_takes_the_chosen_path_with_the_same_results(channels):
                                rtol=1e-5, atol=1e-5)
     loss = lambda p, x_: jnp.sum(module.apply(p, x_) ** 2)  # noqa: E731
     gradient_graph = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(params, x))
-    all_winograd = winograd and channels >= WINOGRAD_KERNEL_GRADIENT_MIN_CHANNELS
-    assert ("conv_general_dilated" not in gradient_graph) is all_winograd
+    no_convolution = winograd and (channels >= WINOGRAD_KERNEL_GRADIENT_MIN_CHANNELS or (
+        channels >= WINOGRAD_GRADIENT_MIN_CHANNELS and uses_native_kernel_gradient(jnp.float32)))
+    assert ("conv_general_dilated" not in gradient_graph) is no_convolution
     got = jax.grad(loss, argnums=(0, 1))(params, x)
     want = jax.grad(lambda k_, x_: jnp.sum(plain_conv2d(x_, k_, 1, 1) ** 2), argnums=(0, 1))(kernel, x)
     scale = float(np.abs(np.asarray(want[0])).max())
@@ -259,5 +269,5 @@ def test_unknown_gradient_algorithms_are_refused():
     x, k = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))
     with pytest.raises(ValueError, match="^input_gradient 'fft' is not one of xla, winograd$"):
         winograd_conv3x3(x, k, "fft")
-    with pytest.raises(ValueError, match="^kernel_gradient 'stacked2' is not one of xla, stacked, winograd$"):
+    with pytest.raises(ValueError, match="^kernel_gradient 'stacked2' is not one of xla, stacked, winograd, native$"):
         winograd_conv3x3(x, k, "xla", "stacked2")

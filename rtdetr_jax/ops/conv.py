@@ -46,7 +46,8 @@ import contextvars
 import jax
 import jax.numpy as jnp
 
-from rtdetr_jax.ops.kernel_gradient import conv2d_stacked_kernel_gradient
+from rtdetr_jax.ops import native
+from rtdetr_jax.ops.kernel_gradient import conv2d_with_kernel_gradient
 from rtdetr_jax.ops.pointwise_conv import pointwise_conv2d
 from rtdetr_jax.ops.strided_conv import strided_conv2d
 from rtdetr_jax.ops.xla_conv import plain_conv2d
@@ -109,6 +110,16 @@ def uses_phase_kernel_gradient(x_shape, kernel_shape, stride: int) -> bool:
             and kernel_shape[2] >= PHASE_KERNEL_GRADIENT_MIN_CHANNELS)
 
 
+def uses_native_kernel_gradient(dtype) -> bool:
+    """Whether a convolution's kernel gradient is computed by the C++ kernel (`native_kernel_gradient`,
+    ops/kernel_gradient.py): under "auto", on the CPU with a single device (XLA would gather a sharded batch to
+    run an opaque custom call), in float32, and where native kernels are on and can be built (ops/native.py,
+    `RTDETR_JAX_NATIVE`); the build itself waits until a gradient is traced. Then it is used for every kernel
+    gradient but Winograd's (from `WINOGRAD_KERNEL_GRADIENT_MIN_CHANNELS`), at any stride and batch."""
+    return (_ALGORITHM.get() == "auto" and jax.default_backend() == "cpu" and jax.device_count() == 1
+            and jnp.dtype(dtype) == jnp.float32 and native.expected("kernel_gradient"))
+
+
 def uses_pointwise_gradients(kernel_shape, stride: int, padding: int) -> bool:
     """Whether a convolution's gradients are matmuls over the pixels (ops/pointwise_conv.py): under "auto", on the
     CPU, for a 1x1 kernel at stride 1 without padding."""
@@ -116,32 +127,38 @@ def uses_pointwise_gradients(kernel_shape, stride: int, padding: int) -> bool:
             and tuple(kernel_shape[:2]) == (1, 1))
 
 
-def gradient_algorithms(x_shape, kernel_shape) -> tuple[str, str]:
+def gradient_algorithms(x_shape, kernel_shape, dtype=jnp.float32) -> tuple[str, str]:
     """For a convolution that `uses_winograd`: (input gradient, kernel gradient) as `winograd_conv3x3` takes them.
     Under "auto": Winograd's input gradient from `WINOGRAD_GRADIENT_MIN_CHANNELS` channels up (faster per
     convolution: 1.2-2x at 40x40 maps and below, about even at (4, 80, 80, 128); at 64 channels on the large maps
     XLA's was faster), Winograd's kernel gradient from `WINOGRAD_KERNEL_GRADIENT_MIN_CHANNELS` up (at
     (4, 20, 20, 512) 38 ms against the stacked one's 71 ms; at (4, 80, 80, 128) 110 vs 85 ms), the stacked one
-    below where `uses_stacked_kernel_gradient`, else XLA's. Under `conv_algorithm("winograd")` both Winograd's."""
+    below the C++ kernel where `uses_native_kernel_gradient`, else the stacked one where
+    `uses_stacked_kernel_gradient`, else XLA's. Under `conv_algorithm("winograd")` both Winograd's."""
     if _ALGORITHM.get() == "winograd":
         return "winograd", "winograd"
     channels = min(kernel_shape[2], kernel_shape[3])
     input_gradient = "winograd" if channels >= WINOGRAD_GRADIENT_MIN_CHANNELS else "xla"
     if channels >= WINOGRAD_KERNEL_GRADIENT_MIN_CHANNELS:
         return input_gradient, "winograd"
+    if uses_native_kernel_gradient(dtype):
+        return input_gradient, "native"
     return input_gradient, "stacked" if uses_stacked_kernel_gradient(x_shape, kernel_shape, 1) else "xla"
 
 
 def conv2d(x, kernel, stride: int = 1, padding: int = 0):
     """`torch.nn.functional.conv2d(x, kernel, stride=stride, padding=padding)` on x (batch, H, W, in) with kernel
     (kh, kw, in, out): symmetric zero padding, no dilation, no groups."""
+    by_native = uses_native_kernel_gradient(x.dtype)
     if stride > 1:
         phases = uses_phase_kernel_gradient(x.shape, kernel.shape, stride)
-        return strided_conv2d(x, kernel, stride, padding, "phases" if phases else "xla")
+        return strided_conv2d(x, kernel, stride, padding, "native" if by_native else "phases" if phases else "xla")
     if uses_winograd(x.shape, kernel.shape, x.dtype, stride, padding):
-        return winograd_conv3x3(x, kernel, *gradient_algorithms(x.shape, kernel.shape))
+        return winograd_conv3x3(x, kernel, *gradient_algorithms(x.shape, kernel.shape, x.dtype))
     if uses_pointwise_gradients(kernel.shape, stride, padding):
-        return pointwise_conv2d(x, kernel)
+        return pointwise_conv2d(x, kernel, "native" if by_native else "matmul")
+    if by_native:
+        return conv2d_with_kernel_gradient(x, kernel, padding, "native")
     if uses_stacked_kernel_gradient(x.shape, kernel.shape, stride):
-        return conv2d_stacked_kernel_gradient(x, kernel, padding)
+        return conv2d_with_kernel_gradient(x, kernel, padding, "stacked")
     return plain_conv2d(x, kernel, stride, padding)

@@ -31,12 +31,62 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from rtdetr_jax.ops import native
 from rtdetr_jax.ops.xla_conv import plain_conv2d, xla_input_gradient, xla_kernel_gradient
 
 
 TRANSPOSE_BY_MATMUL_MAX_CHANNELS = 64  # up to this many input channels, the tall image is transposed by a matmul
 TRANSPOSES = ("auto", "matmul", "plain", "xla")
+NATIVE_CHANNEL_MULTIPLE = 16  # the C++ kernel's output channels come in vectors of 16 floats at most; dy is padded
+
+
+def native_kernel_gradient(x, dy, kernel_shape, stride: int, padding: int):
+    """dL/dkernel of `plain_conv2d(x, kernel, stride, padding)` given dy = dL/dy, by the C++ kernel
+    (ops/cpu_kernel_gradient.cc, built and registered by ops/native.py): the pixels walked in place, in NHWC, with
+    no padded, stacked or transposed copy, on the CPU in float32. x (batch, H, W, in), dy (batch, out H, out W,
+    out) -> kernel_shape (kh, kw, in, out). When the kernel cannot be built (`RTDETR_JAX_NATIVE=on`, after the
+    one warning) this is XLA's kernel gradient. Differentiable (reverse mode) in x and dy: the kernel gradient is
+    bilinear, <KG(x, dy), c> = <conv(x, c), dy>."""
+    kernel_shape = tuple(int(d) for d in kernel_shape)
+    kh, kw, cin, cout = kernel_shape
+    n, h, w, _ = x.shape
+    if x.shape[3] != cin or dy.shape != (n, (h + 2 * padding - kh) // stride + 1,
+                                         (w + 2 * padding - kw) // stride + 1, cout):
+        raise ValueError(f"native_kernel_gradient: x {x.shape} and dy {dy.shape} do not fit a {kernel_shape} kernel "
+                         f"at stride {stride}, padding {padding}")
+    if x.dtype != jnp.float32:
+        raise ValueError(f"native_kernel_gradient: x is {x.dtype}, the C++ kernel takes float32")
+    name = native.target("kernel_gradient")
+    if name is None:
+        return xla_kernel_gradient(x, dy, kernel_shape, stride, padding)
+    return _native(x, dy.astype(jnp.float32), kernel_shape, stride, padding, name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _native(x, dy, kernel_shape, stride, padding, name):
+    kh, kw, cin, cout = kernel_shape
+    extra = -cout % NATIVE_CHANNEL_MULTIPLE
+    if extra:
+        dy = jnp.pad(dy, ((0, 0), (0, 0), (0, 0), (0, extra)))
+    call = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((kh, kw, cin, cout + extra), jnp.float32),
+                            vmap_method="sequential")
+    dk = call(x, dy, stride=np.int64(stride), padding=np.int64(padding))
+    return dk[..., :cout] if extra else dk
+
+
+def _native_fwd(x, dy, kernel_shape, stride, padding, name):
+    return _native(x, dy, kernel_shape, stride, padding, name), (x, dy)
+
+
+def _native_bwd(kernel_shape, stride, padding, name, residuals, cotangent):
+    x, dy = residuals
+    return (xla_input_gradient(x, cotangent, dy, stride, padding),  # d<conv(x, c), dy>/dx
+            plain_conv2d(x, cotangent, stride, padding))  # d<conv(x, c), dy>/ddy
+
+
+_native.defvjp(_native_fwd, _native_bwd)
 
 
 def stacked_kernel_gradient(x, dy, kernel_size: tuple[int, int], padding: int, transpose: str = "auto"):
@@ -116,22 +166,34 @@ def phase_kernel_gradient(x, dy, kernel_shape, stride: int, padding: int):
     return dkernel
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv2d_stacked_kernel_gradient(x, kernel, padding: int):
+KERNEL_GRADIENTS = ("stacked", "native")
+
+
+def conv2d_with_kernel_gradient(x, kernel, padding: int, kernel_gradient: str):
     """`plain_conv2d(x, kernel, 1, padding)`: XLA's forward and input gradient, the kernel gradient by
-    `stacked_kernel_gradient`."""
+    `stacked_kernel_gradient` ("stacked") or by the C++ kernel (`native_kernel_gradient`, "native")."""
+    if kernel_gradient not in KERNEL_GRADIENTS:
+        raise ValueError(f"kernel_gradient {kernel_gradient!r} is not one of {', '.join(KERNEL_GRADIENTS)}")
+    return _conv(x, kernel, padding, kernel_gradient)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(x, kernel, padding: int, kernel_gradient: str):
     return plain_conv2d(x, kernel, 1, padding)
 
 
-def _fwd(x, kernel, padding):
+def _fwd(x, kernel, padding, kernel_gradient):
     return plain_conv2d(x, kernel, 1, padding), (x, kernel)
 
 
-def _bwd(padding, residuals, dy):
+def _bwd(padding, kernel_gradient, residuals, dy):
     x, kernel = residuals
     dx = xla_input_gradient(x, kernel, dy, 1, padding)
-    dkernel = stacked_kernel_gradient(x, dy, kernel.shape[:2], padding).astype(kernel.dtype)
-    return dx, dkernel
+    if kernel_gradient == "native":
+        dkernel = native_kernel_gradient(x, dy, kernel.shape, 1, padding)
+    else:
+        dkernel = stacked_kernel_gradient(x, dy, kernel.shape[:2], padding)
+    return dx, dkernel.astype(kernel.dtype)
 
 
-conv2d_stacked_kernel_gradient.defvjp(_fwd, _bwd)
+_conv.defvjp(_fwd, _bwd)

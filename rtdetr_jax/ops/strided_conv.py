@@ -21,16 +21,18 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from rtdetr_jax.ops.kernel_gradient import phase_kernel_gradient
+from rtdetr_jax.ops.kernel_gradient import native_kernel_gradient, phase_kernel_gradient
 from rtdetr_jax.ops.xla_conv import plain_conv2d, xla_kernel_gradient
 
-KERNEL_GRADIENTS = ("xla", "phases")
+KERNEL_GRADIENTS = ("xla", "phases", "native")
 
 
 def strided_conv2d(x, kernel, stride: int, padding: int, kernel_gradient: str = "xla"):
     """`conv2d` for stride >= 2, with the per-phase input gradient; the kernel gradient XLA's ("xla") or one
     stride-1 kernel gradient per stride phase over the batch stacked into one image ("phases",
-    `phase_kernel_gradient` in ops/kernel_gradient.py; `conv2d` picks it on the CPU)."""
+    `phase_kernel_gradient` in ops/kernel_gradient.py) or the C++ kernel ("native", `native_kernel_gradient`
+    there); `conv2d` picks the C++ kernel on the CPU in float32 where it is built, else the phases from 64 input
+    channels at batch >= 2."""
     if kernel_gradient not in KERNEL_GRADIENTS:
         raise ValueError(f"strided_conv2d kernel_gradient {kernel_gradient!r} is not one of "
                          f"{', '.join(KERNEL_GRADIENTS)}")
@@ -90,7 +92,9 @@ def _input_gradient(x_shape, kernel, dy, stride: int, padding: int):
 def _bwd(stride, padding, kernel_gradient, residuals, dy):
     x, kernel = residuals
     dx = _input_gradient(x.shape, kernel, dy, stride, padding).astype(x.dtype)
-    if kernel_gradient == "phases":
+    if kernel_gradient == "native":
+        dkernel = native_kernel_gradient(x, dy.astype(x.dtype), kernel.shape, stride, padding)
+    elif kernel_gradient == "phases":
         dkernel = phase_kernel_gradient(x, dy, kernel.shape, stride, padding)
     else:
         dkernel = xla_kernel_gradient(x, dy, kernel.shape, stride, padding)

@@ -38,11 +38,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from rtdetr_jax.ops.kernel_gradient import stacked_kernel_gradient
+from rtdetr_jax.ops.kernel_gradient import native_kernel_gradient, stacked_kernel_gradient
 from rtdetr_jax.ops.xla_conv import xla_input_gradient, xla_kernel_gradient
 
 INPUT_GRADIENTS = ("xla", "winograd")
-KERNEL_GRADIENTS = ("xla", "stacked", "winograd")
+KERNEL_GRADIENTS = ("xla", "stacked", "winograd", "native")
 
 
 def _input_transform(d0, d1, d2, d3):
@@ -100,7 +100,8 @@ FLIP = (3, 1, 2, 0)
 def winograd_conv3x3(x, kernel, input_gradient: str = "xla", kernel_gradient: str = "xla"):
     """`conv2d(x, kernel, stride=1, padding=1)` for x (batch, H, W, in) and a (3, 3, in, out) kernel; any H, W
     (odd sizes are padded by one row or column and cropped back). Gradients: `input_gradient` "xla" (the direct
-    convolution's) or "winograd"; `kernel_gradient` "xla", "stacked" (ops/kernel_gradient.py) or "winograd"."""
+    convolution's) or "winograd"; `kernel_gradient` "xla", "stacked" (ops/kernel_gradient.py), "native" (the C++ kernel there) or
+    "winograd"."""
     if input_gradient not in INPUT_GRADIENTS:
         raise ValueError(f"input_gradient {input_gradient!r} is not one of {', '.join(INPUT_GRADIENTS)}")
     if kernel_gradient not in KERNEL_GRADIENTS:
@@ -129,6 +130,8 @@ def _gradients(input_gradient, kernel_gradient, residuals, dy):
         dkernel = _winograd_kernel_gradient(x, dy)
     elif kernel_gradient == "stacked":
         dkernel = stacked_kernel_gradient(x, dy, (3, 3), 1)
+    elif kernel_gradient == "native":
+        dkernel = native_kernel_gradient(x, dy, kernel.shape, 1, 1)
     else:
         dkernel = xla_kernel_gradient(x, dy, kernel.shape, 1, 1)
     return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
