@@ -43,11 +43,13 @@ def data(n, h, w, cin, cout, k, stride, padding, seed=0):
 # (batch, H, W, in, out, kernel, stride, padding): channel counts that leave tile remainders (5, 13, 25 inputs;
 # 12 per AVX-512 tile, 6 per AVX2 one) and output channels padded to 16 (17, 8) or a single vector (48 = 32 + 16),
 # strides 2 and 3, 1x1, 5x5, a 3x1 kernel, a single pixel, more padding than the kernel needs, odd sizes, an empty
-# batch, and one large enough (0.9 GFLOP) to be split into the 8 chunks run on the thread pool
+# batch, one-pixel-wide images at stride 2 (taps past the image's only column), and one large enough (0.9 GFLOP)
+# to be split into the 8 chunks run on the thread pool
 SHAPES = [(3, 9, 10, 5, 16, 3, 1, 1), (2, 8, 8, 13, 17, 3, 1, 1), (2, 7, 9, 3, 32, 3, 2, 1),
           (1, 11, 13, 25, 48, 3, 2, 1), (2, 6, 5, 4, 16, 1, 1, 0), (2, 12, 11, 6, 8, 5, 2, 2),
           (2, 9, 9, 4, 16, 3, 3, 0), (2, 8, 7, 3, 16, (3, 1), 1, 1), (1, 1, 1, 3, 16, 3, 1, 1),
-          (2, 5, 7, 2, 16, 3, 1, 2), (0, 4, 4, 2, 16, 3, 1, 1), (2, 40, 40, 64, 64, 3, 1, 1)]
+          (2, 5, 7, 2, 16, 3, 1, 2), (0, 4, 4, 2, 16, 3, 1, 1), (2, 1, 1, 3, 16, 3, 2, 1), (1, 6, 1, 4, 16, 3, 2, 1),
+          (2, 40, 40, 64, 64, 3, 1, 1)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "-".join(map(str, s)))
@@ -156,10 +158,10 @@ def test_conv2d_takes_it_where_it_applies(monkeypatch):
     below 256 channels, batch 1 too), but not Winograd's from 256 channels, not in bfloat16, not with the
     native kernels off, not under `conv_algorithm("direct")`; and tracing a forward does not build it."""
     f32 = jnp.float32
-    for x_shape, k_shape, stride, padding in [((4, 12, 12, 8), (3, 3, 8, 8), 1, 1), ((1, 12, 12, 8), (3, 3, 8, 8), 1, 1),
-                                              ((2, 12, 12, 8), (1, 1, 8, 16), 1, 0),
-                                              ((2, 12, 12, 8), (3, 3, 8, 16), 2, 1),
-                                              ((1, 40, 40, 128), (3, 3, 128, 128), 1, 1)]:
+    for x_shape, k_shape, stride, padding in [
+            ((4, 12, 12, 8), (3, 3, 8, 8), 1, 1), ((1, 12, 12, 8), (3, 3, 8, 8), 1, 1),
+            ((2, 12, 12, 8), (1, 1, 8, 16), 1, 0), ((2, 12, 12, 8), (3, 3, 8, 16), 2, 1),
+            ((1, 40, 40, 128), (3, 3, 128, 128), 1, 1)]:
         assert "ffi_call" in gradient_graph(jnp.ones(x_shape, f32), jnp.ones(k_shape, f32), stride, padding)
     assert "ffi_call" not in gradient_graph(jnp.ones((1, 20, 20, 256), f32), jnp.ones((3, 3, 256, 256), f32))
     assert "ffi_call" not in gradient_graph(jnp.ones((4, 12, 12, 8), jnp.bfloat16),

@@ -9,11 +9,11 @@
 // with no copy, padding or transpose, and each tap's product is a register-tiled outer-product accumulation
 // (`tile` below), ~190-210 GFLOP/s there (benchmarks/README.md).
 //
-// Exactness and determinism: each output element is a float32 sum over the pixels, taken in a fixed order that
-// depends on the shapes only (not on the thread count, the scheduling or the vector width): within a block of
-// rows in pixel order, starting from zero; block sums added in order into one of `kChunks` chunk sums; the chunk
-// sums added in order at the end. The shorter partial sums also keep the rounding error at float32's usual
-// ~sqrt(pixels) growth.
+// Exactness and determinism: each output element is a float32 sum over the pixels, taken in a fixed order that depends
+// on the shapes only (not on the thread count or the scheduling, nor on the vector width where the CPU has FMA
+// instructions): within a block of rows in pixel order, starting from zero; block sums added in order into one of
+// `kChunks` chunk sums; the chunk sums added in order at the end. The shorter partial sums also keep the rounding error
+// at float32's usual ~sqrt(pixels) growth.
 //
 // Threads: the call is asynchronous (an FFI future): its work goes to XLA's intra-op thread pool as tasks of
 // ~2 ms (`Job`), the calling thread returns to the pool at once, and the task that ends the last part completes
@@ -135,9 +135,12 @@ void accumulate(const Geometry& g, const float* x, const float* dy, int64_t begi
     const int64_t b1 = std::min(end, b0 + rb);
     for (int64_t a = 0; a < g.kh; a++) {
       for (int64_t b = 0; b < g.kw; b++) {
-        // output columns whose input column c * stride + b - pad lies inside the image
+        // output columns whose input column c * stride + b - pad lies inside the image: c >= ceil((pad - b) / s)
+        // (a negative bound, rounded either way, means 0) and c <= floor((w - 1 + pad - b) / s), whose numerator
+        // is negative when the tap lies past a narrow image for every column: then no column
         const int64_t c0 = std::max<int64_t>(0, (g.pad - b + g.stride - 1) / g.stride);
-        const int64_t c1 = std::min<int64_t>(g.wo, (g.w - 1 + g.pad - b) / g.stride + 1);
+        const int64_t last = g.w - 1 + g.pad - b;
+        const int64_t c1 = last < 0 ? 0 : std::min<int64_t>(g.wo, last / g.stride + 1);
         if (c1 <= c0) continue;
         int nrows = 0;
         for (int64_t q = b0; q < b1; q++) {
@@ -166,14 +169,13 @@ void accumulate(const Geometry& g, const float* x, const float* dy, int64_t begi
   }
 }
 
-// One call's work: `chunks` ranges of output rows, each summed into its own slice of `sums`, in parts of
-// `part_rows` rows (whole blocks, so the sums do not depend on where the parts end). One task per part is
-// scheduled on XLA's pool up front; a task claims a chunk that no other task is working on, runs its next part
-// and returns to the pool, so that a convolution XLA runs beside this call (which waits for its own blocks,
-// queued on the same pool) never waits long for a thread. A chunk's parts run one at a time, in order. A task
-// that finds every chunk with parts left busy returns at once; the task that releases a chunk keeps going while
-// no scheduled task is left to start. The task that ends the last part adds the slices in order into the output
-// and completes the call's future.
+// One call's work: `chunks` ranges of output rows, each summed into its own slice of `sums`, in parts of `part_rows`
+// rows (whole blocks, so the sums do not depend on where the parts end). One task per part is scheduled on XLA's pool
+// up front; a task claims a chunk that no other task is working on, runs its next part and returns to the pool, which
+// so gets a thread back between parts for the other work XLA runs beside this call (in the r18vd step, parts of 1e8 and
+// 2e9 FLOP ran as fast as these). A chunk's parts run one at a time, in order. A task that finds every chunk with parts
+// left busy returns at once; the task that releases a chunk keeps going while no scheduled task is left to start. The
+// task that ends the last part adds the slices in order into the output and completes the call's future.
 struct Job {
   Geometry g;
   const float* x;
