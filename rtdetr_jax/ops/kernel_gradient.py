@@ -1,5 +1,6 @@
-"""Convolution kernel gradients computed over the batch stacked into one tall image, at stride 1 and, one stride
-phase at a time, at larger strides.
+"""Convolution kernel gradients: by the C++ kernel (`native_kernel_gradient`, ops/cpu_kernel_gradient.cc), which
+`conv2d` takes on the CPU in float32 where it builds, and otherwise over the batch stacked into one tall image, at
+stride 1 and, one stride phase at a time, at larger strides (what follows is about the latter).
 
 Why: XLA:CPU computes a convolution's kernel gradient as a convolution whose contraction runs over the batch and
 the pixels, with the batch as its innermost ("feature") axis. So it first copies the input and the output
