@@ -12,10 +12,11 @@ build takes a few seconds, the first time a training step is traced; the library
 name and renamed, so a failed or interrupted build leaves nothing behind. With `RTDETR_JAX_CACHE=off` it is built
 into a temporary folder for this process.
 
-`RTDETR_JAX_NATIVE` chooses: `on` (the default) uses the kernels where they apply and, when they cannot be built
-(no compiler, no jaxlib headers, a build error), warns once and falls back to XLA's own computation; `off` never
-uses them; `require` raises instead of falling back (CI sets it, so that a broken build fails the tests instead of
-passing them on the fallback).
+`RTDETR_JAX_NATIVE` chooses: `on` (the default) uses the kernels where they apply; without a C++ compiler they are
+not expected (`expected`) and `conv2d` keeps its previous forms, silently; when a build fails (no jaxlib headers, a
+compile error, an unwritable cache) it warns once, the gradients being traced fall back to XLA's own computation
+and later traces to the previous forms. `off` never uses them; `require` raises instead of falling back (CI sets
+it, so that a broken build fails the tests instead of passing them on the fallback).
 """
 
 from __future__ import annotations
