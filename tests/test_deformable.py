@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rtdetr_jax.ops import native
+from rtdetr_jax.ops.deformable_sampling import sampling_targets
 from rtdetr_jax.modeling.deformable import (
     MultiscaleDeformableAttention,
     _project_then_sample,
@@ -14,6 +16,20 @@ from rtdetr_jax.modeling.deformable import (
     multi_scale_deformable_sampling,
     projected_deformable_sampling,
 )
+
+
+@pytest.fixture(autouse=True, scope="module", params=["off", "require"])
+def native_kernels(request):
+    """Every test here runs twice: with XLA's gathers ("off": the GPU's and TPU's path, and the CPU's in bfloat16 or
+    where no C++ compiler is found) and with the C++ kernel (ops/deformable_sampling.py, the CPU's in float32;
+    "require": a failed build fails the test instead of falling back)."""
+    if request.param == "require" and (jax.default_backend() != "cpu" or native.compiler() is None):
+        pytest.skip("the C++ kernel needs the CPU backend and a C++ compiler")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RTDETR_JAX_NATIVE", request.param)
+        jax.clear_caches()  # traces are cached by function and shapes, not by the variable
+        yield request.param
+    jax.clear_caches()
 
 
 def numpy_reference(value, shapes, locations, weights, points, method):
@@ -237,10 +253,11 @@ def _dot_operand_shapes(fn, *args):
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the projection moves after the sampling on the CPU only")
-def test_on_the_cpu_the_forward_projects_only_the_sampled_rows():
+def test_on_the_cpu_the_forward_projects_only_the_sampled_rows(native_kernels):
     """60 tokens x 16 channels at batch 2, 5 queries x 2 heads: on the CPU the forward's only product is the
-    per-head one of the 10 sampled sums, (2, 10, 16) x (2, 16, 8); projecting first multiplies all 120 token rows,
-    which is what the derivatives do."""
+    per-head one of the 10 sampled sums, (2, 10, 16) x (2, 16, 8) from XLA's gathers, or from the C++ kernel's
+    (2, 5, 2, 16) sums with the kernel as (16, 2, 8); projecting first multiplies all 120 token rows, which is what
+    the derivatives do."""
     shapes, points = ((6, 8), (3, 4)), (3, 2)
     memory, kernel, bias, locations, weights = (jnp.asarray(a, jnp.float32) for a in projection_inputs(
         points, shapes, seed=1, q=5, h=2, d=8, channels=16))
@@ -249,8 +266,11 @@ def test_on_the_cpu_the_forward_projects_only_the_sampled_rows():
         return projected_deformable_sampling(m, k, b, shapes, loc, w, points)
 
     every_token = "tensor<120x16xf32>, tensor<16x16xf32>"
-    assert _dot_operand_shapes(forward, memory, kernel, bias, locations, weights) == [
-        " (tensor<2x10x16xf32>, tensor<2x16x8xf32>) -> tensor<2x10x8xf32>"]
+    native_used = sampling_targets(jnp.float32) is not None
+    assert native_used is (native_kernels == "require")
+    assert _dot_operand_shapes(forward, memory, kernel, bias, locations, weights) == (
+        [" (tensor<16x2x8xf32>, tensor<2x5x2x16xf32>) -> tensor<2x8x2x5xf32>"] if native_used else
+        [" (tensor<2x10x16xf32>, tensor<2x16x8xf32>) -> tensor<2x10x8xf32>"])
     index, weight = _sampling_taps(shapes, locations, weights, points, "default")
     assert any(every_token in s for s in _dot_operand_shapes(_project_then_sample, memory, kernel, bias, index,
                                                              weight))

@@ -19,9 +19,11 @@ from rtdetr_jax.ops.xla_conv import xla_kernel_gradient
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    """A cache folder of this test's own, and no kernel registered or failed yet as far as `target` knows."""
+    """A cache folder of this test's own, and no kernel registered or failed yet as far as `target` knows (a test
+    here must not register a kernel that is registered already: XLA refuses a second handler under a name)."""
     monkeypatch.setenv("RTDETR_JAX_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(native, "_targets", {})
+    monkeypatch.setattr(native, "_registered", {})
     return tmp_path / "cache" / "native"
 
 
@@ -103,6 +105,57 @@ def test_on_a_failed_build_warns_once_and_falls_back_to_xla(cache, tmp_path, mon
         native.target("kernel_gradient")
 
 
+def sampling_args():
+    shapes, points = ((4, 4), (2, 2)), (2, 2)
+    rng = np.random.default_rng(0)
+    return (jnp.asarray(rng.normal(size=(2, 20, 2, 8)), jnp.float32), shapes,
+            jnp.asarray(rng.uniform(size=(2, 3, 2, 4, 2)), jnp.float32),
+            jnp.asarray(rng.dirichlet(np.ones(4), size=(2, 3, 2)), jnp.float32), points)
+
+
+def xla_sampling(monkeypatch):
+    from rtdetr_jax.modeling.deformable import multi_scale_deformable_sampling
+
+    monkeypatch.setenv("RTDETR_JAX_NATIVE", "off")
+    jax.clear_caches()
+    return np.asarray(multi_scale_deformable_sampling(*sampling_args()))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu" or native.compiler() is None,
+                    reason="a CPU kernel, built with a C++ compiler")
+def test_the_sampling_kernel_registers_its_two_handlers(monkeypatch):
+    """Its forward and gradient handlers register as two targets, once per process (a second registration under
+    a name would be refused by XLA, also after `_targets` was reset)."""
+    from rtdetr_jax.modeling.deformable import multi_scale_deformable_sampling
+
+    xla = xla_sampling(monkeypatch)
+    monkeypatch.setenv("RTDETR_JAX_NATIVE", "require")
+    both = ("rtdetr_jax_deformable_sampling", "rtdetr_jax_deformable_sampling_1")
+    assert native.targets("deformable_sampling") == both
+    assert native.target("deformable_sampling") == both[0]
+    monkeypatch.setattr(native, "_targets", {})
+    assert native.targets("deformable_sampling") == both
+    jax.clear_caches()
+    np.testing.assert_allclose(np.asarray(multi_scale_deformable_sampling(*sampling_args())), xla, atol=1e-6)
+    jax.clear_caches()
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the fallback of a CPU kernel")
+def test_on_a_failed_sampling_build_the_attention_keeps_xlas_gathers(cache, tmp_path, monkeypatch):
+    from rtdetr_jax.modeling.deformable import multi_scale_deformable_sampling
+    from rtdetr_jax.ops.deformable_sampling import sampling_targets
+
+    xla = xla_sampling(monkeypatch)
+    monkeypatch.setenv("CXX", fake_compiler(tmp_path, "exit 1"))
+    monkeypatch.setenv("RTDETR_JAX_NATIVE", "on")
+    jax.clear_caches()
+    with pytest.warns(RuntimeWarning, match=r"^cpu_deformable_sampling.cc: fake-c\+\+ exited with 1: .*; using XLA's"):
+        assert sampling_targets(jnp.float32) is None
+    assert native.targets("deformable_sampling") is None  # no second build, no second warning
+    np.testing.assert_array_equal(np.asarray(multi_scale_deformable_sampling(*sampling_args())), xla)
+    jax.clear_caches()
+
+
 def test_require_raises_and_off_never_builds(cache, tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", fake_compiler(tmp_path, "exit 1"))
     monkeypatch.setenv("RTDETR_JAX_NATIVE", "require")
@@ -122,3 +175,54 @@ def test_without_a_compiler_the_kernel_is_not_expected(cache, monkeypatch):
     monkeypatch.setenv("RTDETR_JAX_NATIVE", "on")
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     assert not native.expected("kernel_gradient")
+
+
+def test_training_gradients_equal_those_without_the_native_kernels(monkeypatch):
+    """The small detector's float32 loss gradients with the C++ kernel gradients and without them: equal to float32
+    rounding, leaf by leaf."""
+    if native.compiler() is None:
+        pytest.skip("needs a C++ compiler")
+    from flax import traverse_util
+
+    from conftest import small_config
+    from rtdetr_jax.loss.criterion import pad_targets, rtdetr_loss
+    from rtdetr_jax.modeling.detector import RTDetrV2Detector
+    from rtdetr_jax.train.loop import fresh_model
+
+    config = small_config()
+    model = fresh_model(config, seed=0)
+    rng = np.random.default_rng(0)
+    pixels = jnp.asarray(rng.random((2, 3, 64, 64)), jnp.float32)
+    targets = jax.tree_util.tree_map(jnp.asarray, pad_targets(
+        [{"class_labels": np.array([1, 2]), "boxes": np.array([[.4, .5, .2, .3], [.6, .4, .1, .2]])},
+         {"class_labels": np.array([3]), "boxes": np.array([[.5, .5, .3, .3]])}], 4))
+    module = RTDetrV2Detector(config, jnp.float32)
+
+    def grads(mode):
+        monkeypatch.setenv("RTDETR_JAX_NATIVE", mode)
+        jax.clear_caches()
+
+        def loss(params):
+            out, _ = module.apply({"params": params, "batch_stats": model.variables["batch_stats"]}, pixels,
+                                  mutable=["batch_stats"])
+            return rtdetr_loss(out, targets, config)[0]
+
+        lowered = jax.jit(jax.grad(loss)).lower(model.params)
+        text = lowered.as_text()
+        assert ("@rtdetr_jax_kernel_gradient(" in text) is (mode == "require"), mode
+        # the deformable sampling's derivatives keep XLA's gathers (ops/deformable_sampling.py)
+        assert "@rtdetr_jax_deformable_sampling" not in text
+        return traverse_util.flatten_dict(jax.device_get(lowered.compile()(model.params)))
+
+    with_native, without = grads("require"), grads("off")
+    jax.clear_caches()
+    # leaves whose gradient is zero but for float noise (biases ahead of a training batch norm, the key
+    # projections' biases under the softmax) are compared on the scale of the largest gradient
+    floor = 1e-5 * max(np.abs(g).max() for g in without.values())
+    compared = 0
+    for key, want in without.items():
+        scale = max(np.abs(want).max(), floor)
+        err = np.abs(with_native[key] - want).max() / scale
+        assert err <= 1e-4, (key, err, np.abs(want).max())
+        compared += np.abs(want).max() >= floor
+    assert compared >= 0.9 * len(without)

@@ -1,8 +1,8 @@
 """ops/cpu_kernel_gradient.cc through `native_kernel_gradient` (ops/kernel_gradient.py): the C++ kernel gradient
 equals the float64 one to float32 rounding for every stride, padding, kernel size and channel count (tile and
 vector remainders, padded output channels, empty batch); it is bitwise reproducible, also with one thread; its own
-gradients, vmap and concurrent calls work; `conv2d` takes it where it applies and nowhere else; and a training
-step's gradients with it equal those without it to float32 rounding."""
+gradients, vmap and concurrent calls work; and `conv2d` takes it where it applies and nowhere else (test_native.py
+compares the detector's training gradients with the C++ kernels and without them)."""
 
 from __future__ import annotations
 
@@ -180,42 +180,3 @@ def test_conv2d_takes_it_where_it_applies(monkeypatch):
 
     monkeypatch.setattr(native, "build", no_build)
     jax.make_jaxpr(lambda a, b: conv2d(a, b, 1, 1))(jnp.ones((4, 12, 12, 8), f32), jnp.ones((3, 3, 8, 8), f32))
-
-
-def test_training_gradients_equal_those_without_it(monkeypatch):
-    """The small detector's float32 loss gradients (backbone and encoder convolutions, batch norms in training
-    mode) with the C++ kernel gradients and with the previous ones: equal to float32 rounding, leaf by leaf."""
-    from flax import traverse_util
-
-    from conftest import small_config
-    from rtdetr_jax.loss.criterion import pad_targets, rtdetr_loss
-    from rtdetr_jax.modeling.detector import RTDetrV2Detector
-    from rtdetr_jax.train.loop import fresh_model
-
-    config = small_config()
-    model = fresh_model(config, seed=0)
-    rng = np.random.default_rng(0)
-    pixels = jnp.asarray(rng.random((2, 3, 64, 64)), jnp.float32)
-    targets = jax.tree_util.tree_map(jnp.asarray, pad_targets(
-        [{"class_labels": np.array([1, 2]), "boxes": np.array([[.4, .5, .2, .3], [.6, .4, .1, .2]])},
-         {"class_labels": np.array([3]), "boxes": np.array([[.5, .5, .3, .3]])}], 4))
-    module = RTDetrV2Detector(config, jnp.float32)
-
-    def grads(mode):
-        monkeypatch.setenv("RTDETR_JAX_NATIVE", mode)
-
-        def loss(params):
-            out, _ = module.apply({"params": params, "batch_stats": model.variables["batch_stats"]}, pixels,
-                                  mutable=["batch_stats"])
-            return rtdetr_loss(out, targets, config)[0]
-
-        lowered = jax.jit(jax.grad(loss)).lower(model.params)
-        assert ("rtdetr_jax_kernel_gradient" in lowered.as_text()) is (mode == "require")
-        return traverse_util.flatten_dict(jax.device_get(lowered.compile()(model.params)))
-
-    with_native, without = grads("require"), grads("off")
-    for key, want in without.items():
-        scale = np.abs(want).max()
-        if scale > 0:
-            err = np.abs(with_native[key] - want).max() / scale
-            assert err <= 1e-4, (key, err)

@@ -1,8 +1,9 @@
 """rtdetr-jax's C++ CPU kernels: built once per machine with the host's C++ compiler, cached, and registered with
 XLA as FFI custom calls.
 
-One kernel so far, `cpu_kernel_gradient.cc` (a convolution's kernel gradient, used by ops/kernel_gradient.py). It is
-compiled at `-O3 -march=native` into
+Two so far: `cpu_kernel_gradient.cc` (a convolution's kernel gradient, used by ops/kernel_gradient.py) and
+`cpu_deformable_sampling.cc` (the deformable attention's weighted gather and its gradient, used by
+ops/deformable_sampling.py). Each source is compiled at `-O3 -march=native` into
 
     $RTDETR_JAX_CACHE   (else $XDG_CACHE_HOME/rtdetr_jax, else ~/.cache/rtdetr_jax)  /native/NAME-KEY.so
 
@@ -34,12 +35,16 @@ NATIVE_ENV = "RTDETR_JAX_NATIVE"
 CHOICES = ("on", "off", "require")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-ffp-contract=fast", "-fPIC", "-shared")
 HERE = os.path.dirname(os.path.abspath(__file__))
-KERNELS = {  # name -> (source file, FFI handler symbol)
-    "kernel_gradient": ("cpu_kernel_gradient.cc", "RtdetrKernelGradientF32"),
+KERNELS = {  # name -> (source file, its FFI handler symbols; each registered as rtdetr_jax_<name>[_<i>])
+    "kernel_gradient": ("cpu_kernel_gradient.cc", ("RtdetrKernelGradientF32",)),
+    "deformable_sampling": ("cpu_deformable_sampling.cc",
+                            ("RtdetrDeformableSamplingF32", "RtdetrDeformableSamplingGradF32")),
 }
 
 _lock = threading.Lock()
-_targets: dict[str, str | None] = {}  # name -> registered target, or None after a failed build
+_targets: dict[str, tuple[str, ...] | None] = {}  # name -> registered targets, or None after a failed build
+_registered: dict[str, tuple[str, ...]] = {}  # name -> targets registered with XLA (once per process: XLA refuses
+                                              # a second handler under a registered name)
 _temp_dirs: list[str] = []
 _libraries: list = []
 
@@ -155,8 +160,18 @@ def expected(name: str) -> bool:
 
 
 def target(name: str) -> str | None:
-    """The XLA custom-call target of kernel `name`, built and registered on first use; None when native kernels
-    are off or (under `on`) could not be built. Raises NativeBuildError under `require`."""
+    """The XLA custom-call target of kernel `name` (its first handler), built and registered on first use; None
+    when native kernels are off or (under `on`) could not be built. Raises NativeBuildError under `require`."""
+    found = _lookup(name)
+    return None if found is None else found[0]
+
+
+def targets(name: str) -> tuple[str, ...] | None:
+    """The XLA custom-call targets of all of kernel `name`'s handlers, in `KERNELS` order; as `target`."""
+    return _lookup(name)
+
+
+def _lookup(name: str) -> tuple[str, ...] | None:
     mode = choice()
     if mode == "off":
         return None
@@ -168,27 +183,31 @@ def target(name: str) -> str | None:
                 if mode == "require":
                     raise
                 warnings.warn(f"{err}; using XLA's computation instead ({NATIVE_ENV}=off hides this)",
-                              RuntimeWarning, stacklevel=3)
+                              RuntimeWarning, stacklevel=4)
                 _targets[name] = None
         if _targets[name] is None and mode == "require":
             raise NativeBuildError(f"{KERNELS[name][0]}: not available ({NATIVE_ENV}=require)")
         return _targets[name]
 
 
-def _register(name: str) -> str:
+def _register(name: str) -> tuple[str, ...]:
     import ctypes
 
     import jax
 
+    if name in _registered:
+        return _registered[name]
     path = build(name)
-    _, symbol = KERNELS[name]
+    _, symbols = KERNELS[name]
     try:
         library = ctypes.cdll.LoadLibrary(path)
-        handler = getattr(library, symbol)
+        handlers = [getattr(library, symbol) for symbol in symbols]
     except (OSError, AttributeError) as err:
-        raise NativeBuildError(f"{path}: cannot load {symbol}: {err}") from None
-    registered = f"rtdetr_jax_{name}"
-    jax.ffi.register_ffi_target(registered, jax.ffi.pycapsule(handler), platform="cpu")
+        raise NativeBuildError(f"{path}: cannot load {', '.join(symbols)}: {err}") from None
+    registered = tuple(f"rtdetr_jax_{name}" + (f"_{i}" if i else "") for i in range(len(symbols)))
+    for target_name, handler in zip(registered, handlers):
+        jax.ffi.register_ffi_target(target_name, jax.ffi.pycapsule(handler), platform="cpu")
     _libraries.append(library)  # keep it loaded for the process's lifetime
+    _registered[name] = registered
     return registered
 
