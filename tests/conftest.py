@@ -11,8 +11,10 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
+import textwrap
 
 import numpy as np
 import pytest
@@ -281,3 +283,23 @@ def torch_conv_with_gradients(x, kernel, probe, stride: int = 1, padding: int = 
     (y * torch.tensor(probe.transpose(0, 3, 1, 2))).sum().backward()
     return (y.detach().numpy().transpose(0, 2, 3, 1), xt.grad.numpy().transpose(0, 2, 3, 1),
             kt.grad.numpy().transpose(2, 3, 1, 0))
+
+
+def one_thread_outputs(code: str, tmp_path) -> list[np.ndarray]:
+    """Run `code` (Python that sets `outs`, a list of arrays; this folder is importable) in a process that may use
+    one core only (`taskset -c 0`, so XLA's thread pool has one thread) under `RTDETR_JAX_NATIVE=require`, and
+    return its `outs`. Skips the calling test without taskset or a second core to compare with."""
+    taskset = shutil.which("taskset")
+    if taskset is None or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs taskset and two cores to compare with a one-thread process")
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = str(tmp_path / "one_thread.npz")
+    script = (f"import sys\nsys.path.insert(0, {here!r})\nimport numpy as np\n{textwrap.dedent(code)}\n"
+              f"np.savez({path!r}, *[np.asarray(a) for a in outs])\n")
+    env = dict(os.environ, RTDETR_JAX_NATIVE="require",
+               PYTHONPATH=os.path.dirname(here) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([taskset, "-c", "0", sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    saved = np.load(path)
+    return [saved[f"arr_{i}"] for i in range(len(saved.files))]

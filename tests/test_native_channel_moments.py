@@ -6,21 +6,15 @@ failed build is in test_native.py."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-import textwrap
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import one_thread_outputs
 from rtdetr_jax.ops import native
 from rtdetr_jax.ops.batch_norm import batch_norm_train, moments_targets
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU kernel")
 
 
@@ -118,18 +112,6 @@ def test_batch_norm_with_it_matches_float64():
         assert err <= 1e-6, (name, err)
 
 
-DETERMINISM = textwrap.dedent("""
-    import sys
-    sys.path.insert(0, {tests!r})
-    import os, numpy as np, jax
-    os.environ["RTDETR_JAX_NATIVE"] = "require"
-    from test_native_channel_moments import data, grad_moments, moments
-    x, dy = data(25600, 256, seed=5)
-    mean, var = moments(x)
-    np.savez({path!r}, *[np.asarray(a) for a in (mean, var, *grad_moments(dy, x, mean))])
-""")
-
-
 def test_bitwise_reproducible_with_any_number_of_threads(tmp_path):
     """The chunks and their order depend on the shape only: the same bits on every call, and in a process that
     may use one core only (`taskset`), whose XLA thread pool has one thread."""
@@ -143,17 +125,14 @@ def test_bitwise_reproducible_with_any_number_of_threads(tmp_path):
     for _ in range(3):
         for a, b in zip(run(), first):
             assert np.array_equal(a, b)
-    taskset = shutil.which("taskset")
-    if taskset is None or len(os.sched_getaffinity(0)) < 2:
-        pytest.skip("needs taskset and two cores to compare with a one-thread process")
-    path = str(tmp_path / "one_thread.npz")
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    res = subprocess.run([taskset, "-c", "0", sys.executable, "-c", DETERMINISM.format(tests=ROOT, path=path)],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    one_thread = np.load(path)
-    for i, a in enumerate(first):
-        assert np.array_equal(one_thread[f"arr_{i}"], a)
+    one_thread = one_thread_outputs("""
+        from test_native_channel_moments import data, grad_moments, moments
+        x, dy = data(25600, 256, seed=5)
+        mean, var = moments(x)
+        outs = [mean, var, *grad_moments(dy, x, mean)]
+    """, tmp_path)
+    for a, b in zip(one_thread, first, strict=True):
+        assert np.array_equal(a, b)
 
 
 def test_under_vmap_each_element_is_its_own_batch():

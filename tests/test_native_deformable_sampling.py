@@ -8,21 +8,14 @@ kernels and without them."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-import textwrap
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rtdetr_jax.ops import native
+from conftest import one_thread_outputs
 from rtdetr_jax.ops.deformable_sampling import sampling_targets, weighted_gather
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU kernel")
 
 
@@ -122,15 +115,6 @@ def test_equals_xlas_gather_at_the_decoders_size(monkeypatch):
         np.testing.assert_allclose(g, x, atol=4e-6 * scale, rtol=0, err_msg=name)
 
 
-DETERMINISM = textwrap.dedent("""
-    import sys, numpy as np
-    sys.path.insert(0, {tests!r})
-    from test_native_deformable_sampling import data, run_kernel
-    outs = run_kernel(*data(2, 500, 4, 32, 300, 4, 48, seed=11))
-    np.savez({path!r}, *outs)
-""")
-
-
 def test_bitwise_reproducible_with_any_number_of_threads(tmp_path):
     """Each output is one task's sum in a fixed order: the same bits on every call, and in a process that may use
     one core only (`taskset`), whose XLA thread pool has one thread."""
@@ -138,17 +122,12 @@ def test_bitwise_reproducible_with_any_number_of_threads(tmp_path):
     for _ in range(3):
         for a, b in zip(run_kernel(*data(2, 500, 4, 32, 300, 4, 48, seed=11)), first):
             assert np.array_equal(a, b)
-    taskset = shutil.which("taskset")
-    if taskset is None or len(os.sched_getaffinity(0)) < 2:
-        pytest.skip("needs taskset and two cores to compare with a one-thread process")
-    path = str(tmp_path / "one_thread.npz")
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    res = subprocess.run([taskset, "-c", "0", sys.executable, "-c", DETERMINISM.format(tests=ROOT, path=path)],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    one_thread = np.load(path)
-    for i, a in enumerate(first):
-        assert np.array_equal(one_thread[f"arr_{i}"], a)
+    one_thread = one_thread_outputs("""
+        from test_native_deformable_sampling import data, run_kernel
+        outs = run_kernel(*data(2, 500, 4, 32, 300, 4, 48, seed=11))
+    """, tmp_path)
+    for a, b in zip(one_thread, first, strict=True):
+        assert np.array_equal(a, b)
 
 
 def test_vmap_and_concurrent_calls_in_one_program():

@@ -6,23 +6,17 @@ compares the detector's training gradients with the C++ kernels and without them
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-import textwrap
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import one_thread_outputs
 from rtdetr_jax.ops import native
 from rtdetr_jax.ops.conv import conv2d, conv_algorithm, uses_native_kernel_gradient
 from rtdetr_jax.ops.kernel_gradient import native_kernel_gradient
 from rtdetr_jax.ops.xla_conv import xla_kernel_gradient
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU kernel")
 
 
@@ -80,17 +74,6 @@ def test_training_size_rounding_of_the_order_of_xlas():
     assert err <= 2e-6 * np.abs(truth).max() and err <= 2 * err_xla, (err, err_xla)
 
 
-DETERMINISM = textwrap.dedent("""
-    import sys, numpy as np, jax.numpy as jnp
-    sys.path.insert(0, {tests!r})
-    from test_native_kernel_gradient import data
-    from rtdetr_jax.ops.kernel_gradient import native_kernel_gradient
-    x, dy, shape = data(2, 40, 40, 64, 64, 3, 1, 1, seed=7)
-    out = native_kernel_gradient(jnp.asarray(x, jnp.float32), jnp.asarray(dy, jnp.float32), shape, 1, 1)
-    np.save({path!r}, np.asarray(out))
-""")
-
-
 def test_bitwise_reproducible_with_any_number_of_threads(tmp_path):
     """The summation order depends on the shapes only: the same bits on every call, and in a process that may
     use one core only (`taskset`), whose XLA thread pool has one thread."""
@@ -99,16 +82,14 @@ def test_bitwise_reproducible_with_any_number_of_threads(tmp_path):
     first = np.asarray(native_kernel_gradient(x32, dy32, shape, 1, 1))
     for _ in range(3):
         assert np.array_equal(np.asarray(native_kernel_gradient(x32, dy32, shape, 1, 1)), first)
-    taskset = shutil.which("taskset")
-    if taskset is None or len(os.sched_getaffinity(0)) < 2:
-        pytest.skip("needs taskset and two cores to compare with a one-thread process")
-    path = str(tmp_path / "one_thread.npy")
-    script = DETERMINISM.format(tests=os.path.dirname(os.path.abspath(__file__)), path=path)
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    res = subprocess.run([taskset, "-c", "0", sys.executable, "-c", script], env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert np.array_equal(np.load(path), first)
+    one_thread = one_thread_outputs("""
+        import jax.numpy as jnp
+        from test_native_kernel_gradient import data
+        from rtdetr_jax.ops.kernel_gradient import native_kernel_gradient
+        x, dy, shape = data(2, 40, 40, 64, 64, 3, 1, 1, seed=7)
+        outs = [native_kernel_gradient(jnp.asarray(x, jnp.float32), jnp.asarray(dy, jnp.float32), shape, 1, 1)]
+    """, tmp_path)
+    assert np.array_equal(one_thread[0], first)
 
 
 def test_its_gradients_are_those_of_xlas_kernel_gradient():
