@@ -45,7 +45,8 @@ def test_the_choice_is_read_from_the_environment():
 
 @pytest.mark.skipif(native.compiler() is None, reason="needs a C++ compiler")
 def test_a_build_is_cached_per_machine(cache, monkeypatch):
-    """Built once into the cache folder, found there the next time; another CPU gets a library of its own."""
+    """Built once into the cache folder, found there the next time; another CPU or a changed shared header gets a
+    library of its own."""
     path = native.build("kernel_gradient")
     assert os.path.dirname(path) == str(cache) and os.path.isfile(path)
     mtime = os.stat(path).st_mtime_ns
@@ -54,6 +55,10 @@ def test_a_build_is_cached_per_machine(cache, monkeypatch):
     monkeypatch.setattr(native, "_cpu_identity", lambda: "another CPU")
     other = native.build("kernel_gradient")
     assert other != path and os.path.isfile(other)
+    # a changed shared header (cpu_tasks.h, which the sources include) is a new build too
+    assert any(h.startswith(b"cpu_tasks.h\0") for h in native._headers())
+    monkeypatch.setattr(native, "_headers", lambda: [b"cpu_tasks.h\0changed"])
+    assert native.build("kernel_gradient") not in (path, other)
 
 
 def test_a_failed_compilation_is_one_line_and_leaves_nothing(cache, tmp_path, monkeypatch):

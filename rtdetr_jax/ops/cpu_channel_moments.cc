@@ -18,23 +18,25 @@
 //
 // Threads: asynchronous (an FFI future), as cpu_kernel_gradient.cc: the chunks are split into independent tasks
 // on XLA's intra-op pool, each writing its chunks' partial sums; the task that ends last combines them and
-// completes the future.
+// completes the future (`Launch`, cpu_tasks.h).
 //
 // Built once per machine by rtdetr_jax/ops/native.py with the host compiler at -O3 -march=native.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <memory>
 #include <vector>
 
+#include "cpu_tasks.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using rtdetr_jax::Failed;
+using rtdetr_jax::Launch;
 
 constexpr int64_t kChunkFloats = 1 << 16;  // floats of x per chunk at most: 256 KiB, in the L2 cache for the second pass
 constexpr int64_t kChunkRows = 256;        // rows per chunk at most: short float32 sums, the rest added in double
@@ -103,49 +105,6 @@ inline void add_grad_row(float* s1, float* s2, const float* dy, const float* x, 
   }
 }
 
-// Tasks [0, tasks) run `work(task)`; the one that ends last runs `finish()` and completes the promise.
-struct Job {
-  std::function<void(int64_t)> work;
-  std::function<void()> finish;
-  std::atomic<int64_t> left{0};
-  ffi::Promise promise;
-
-  void run(int64_t task) {
-    work(task);
-    if (left.fetch_sub(1) == 1) {
-      finish();
-      promise.SetAvailable();
-    }
-  }
-};
-
-ffi::Future Failed(const char* message) {
-  ffi::Promise promise;
-  ffi::Future future(promise);
-  promise.SetError(ffi::Error::InvalidArgument(message));
-  return future;
-}
-
-ffi::Future Launch(ffi::ThreadPool& pool, std::function<void(int64_t)> work, std::function<void()> finish,
-                   int64_t tasks) {
-  auto job = std::make_shared<Job>();
-  ffi::Future future(job->promise);
-  job->work = std::move(work);
-  job->finish = std::move(finish);
-  if (tasks <= 0) {
-    job->finish();
-    job->promise.SetAvailable();
-    return future;
-  }
-  job->left.store(tasks);
-  if (tasks == 1) {
-    job->run(0);
-    return future;
-  }
-  for (int64_t t = 0; t < tasks; t++) pool.Schedule([job, t] { job->run(t); });
-  return future;
-}
-
 // (rows, channels) of a 2-d buffer; false if it is not 2-d.
 template <typename B>
 bool matrix_shape(const B& buffer, int64_t* rows, int64_t* channels) {
@@ -205,7 +164,7 @@ ffi::Future Moments(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBu
       var_out[j] = static_cast<float>(m2 / n);
     }
   };
-  return Launch(pool, work, finish, p.tasks);
+  return Launch(pool, work, p.tasks, finish);
 }
 
 ffi::Future GradMoments(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> x,
@@ -246,7 +205,7 @@ ffi::Future GradMoments(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buf
       s2_out[j] = static_cast<float>(s2);
     }
   };
-  return Launch(pool, work, finish, p.tasks);
+  return Launch(pool, work, p.tasks, finish);
 }
 
 }  // namespace

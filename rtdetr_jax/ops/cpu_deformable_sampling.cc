@@ -21,25 +21,27 @@
 // the thread count: bitwise the same with one thread or many.
 //
 // Threads: asynchronous (an FFI future), as cpu_kernel_gradient.cc: the work is split into independent tasks on
-// XLA's intra-op pool, each writing its own part of the outputs; the task that ends last completes the future.
+// XLA's intra-op pool (`Launch`, cpu_tasks.h), each writing its own part of the outputs; the task that ends last
+// completes the future.
 // The forward's tasks own ranges of (batch, query, head) rows. The backward's d_value tasks own one (batch, group)
 // pair each, so no two tasks add into one row; its d_weight tasks own ranges of rows, as the forward's.
 //
 // Built once per machine by rtdetr_jax/ops/native.py with the host compiler at -O3 -march=native.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <functional>
-#include <memory>
 #include <vector>
 
+#include "cpu_tasks.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using rtdetr_jax::Failed;
+using rtdetr_jax::Launch;
 
 constexpr double kTaskFloats = 2e6;  // multiply-adds per forward task: ~1 ms of gathers on a core
 constexpr int64_t kMaxTasks = 64;
@@ -202,42 +204,6 @@ int64_t row_task_count(const Shape& s) {
   const int64_t rows = s.b * s.q * s.h;
   const double work = static_cast<double>(rows) * s.k * s.c;
   return std::min<int64_t>({kMaxTasks, rows, std::max<int64_t>(1, static_cast<int64_t>(work / kTaskFloats))});
-}
-
-// Tasks [0, tasks) run `work(task)`; the one that ends last completes the promise.
-struct Job {
-  std::function<void(int64_t)> work;
-  std::atomic<int64_t> left{0};
-  ffi::Promise promise;
-
-  void run(int64_t task) {
-    work(task);
-    if (left.fetch_sub(1) == 1) promise.SetAvailable();
-  }
-};
-
-ffi::Future Failed(const char* message) {
-  ffi::Promise promise;
-  ffi::Future future(promise);
-  promise.SetError(ffi::Error::InvalidArgument(message));
-  return future;
-}
-
-ffi::Future Launch(ffi::ThreadPool& pool, std::function<void(int64_t)> work, int64_t tasks) {
-  auto job = std::make_shared<Job>();
-  ffi::Future future(job->promise);
-  job->work = std::move(work);
-  if (tasks <= 0) {
-    job->promise.SetAvailable();
-    return future;
-  }
-  job->left.store(tasks);
-  if (tasks == 1) {
-    job->run(0);
-    return future;
-  }
-  for (int64_t t = 0; t < tasks; t++) pool.Schedule([job, t] { job->run(t); });
-  return future;
 }
 
 // Shapes from value (b, t, g, c) and index (b, q, h, k); false when they do not fit together.

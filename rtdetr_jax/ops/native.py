@@ -8,7 +8,7 @@ ops/deformable_sampling.py). Each source is compiled at `-O3 -march=native` into
 
     $RTDETR_JAX_CACHE   (else $XDG_CACHE_HOME/rtdetr_jax, else ~/.cache/rtdetr_jax)  /native/NAME-KEY.so
 
-where KEY hashes the source, the compiler's version, the flags, jaxlib's version (whose headers it includes) and the
+where KEY hashes the source, the shared headers beside it (`cpu_tasks.h`), the compiler's version, the flags, jaxlib's version (whose headers it includes) and the
 CPU's model and feature flags, so a shared home folder never hands one machine's instructions to another. The
 build takes ~5 seconds, the first time the kernel is traced (the kernel gradient and the moments: a training step;
 the sampling: the first CPU forward in float32); the library is written under a temporary
@@ -101,6 +101,17 @@ def _build_dir() -> str:
     return _temp_dirs[0]
 
 
+def _headers() -> list[bytes]:
+    """The contents of the kernels' shared headers (ops/*.h, e.g. cpu_tasks.h), in name order: part of every
+    kernel's cache key, so that a changed header rebuilds them."""
+    found = []
+    for entry in sorted(os.listdir(HERE)):
+        if entry.endswith(".h"):
+            with open(os.path.join(HERE, entry), "rb") as fh:
+                found.append(entry.encode() + b"\0" + fh.read())
+    return found
+
+
 def build(name: str, cxx: str | None = None) -> str:
     """Compile kernel `name` (or find it in the cache); returns the shared library's path. Raises NativeBuildError."""
     import jax
@@ -125,7 +136,7 @@ def build(name: str, cxx: str | None = None) -> str:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as err:
         raise NativeBuildError(f"{source_file}: cannot run the compiler {cxx}: {err}") from None
-    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(),
+    key = hashlib.sha256(b"\0".join([source, *_headers(), version.encode(), " ".join(FLAGS).encode(),
                                      jaxlib.__version__.encode(), _cpu_identity().encode()])).hexdigest()[:20]
     folder = _build_dir()
     target = os.path.join(folder, f"{name}-{key}.so")
@@ -135,7 +146,7 @@ def build(name: str, cxx: str | None = None) -> str:
 
     try:
         with atomic_path(target) as tmp:
-            command = [cxx, *FLAGS, "-I", include, source_path, "-o", tmp]
+            command = [cxx, *FLAGS, "-I", HERE, "-I", include, source_path, "-o", tmp]
             try:
                 done = subprocess.run(command, capture_output=True, text=True, timeout=600)
             except (OSError, subprocess.SubprocessError) as err:

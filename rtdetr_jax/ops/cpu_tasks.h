@@ -1,0 +1,71 @@
+// Shared by rtdetr_jax's C++ CPU kernels (cpu_channel_moments.cc, cpu_deformable_sampling.cc): an asynchronous
+// XLA FFI call as independent tasks on XLA's intra-op pool. `Launch` schedules tasks [0, tasks), each running
+// `work(task)` on its own part of the outputs, and returns a future; the task that ends last runs `finish()` (if
+// given) and completes the future, so no thread waits for another. One task runs on the calling thread at once;
+// none completes the future immediately (after `finish`).
+//
+// rtdetr_jax/ops/native.py compiles each source with this folder on the include path and hashes this header
+// into the cache key of every kernel, so a change here rebuilds them all.
+
+#ifndef RTDETR_JAX_OPS_CPU_TASKS_H_
+#define RTDETR_JAX_OPS_CPU_TASKS_H_
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <utility>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace rtdetr_jax {
+
+namespace ffi = xla::ffi;
+
+struct TaskJob {
+  std::function<void(int64_t)> work;
+  std::function<void()> finish;
+  std::atomic<int64_t> left{0};
+  ffi::Promise promise;
+
+  void done() {
+    if (finish) finish();
+    promise.SetAvailable();
+  }
+
+  void run(int64_t task) {
+    work(task);
+    if (left.fetch_sub(1) == 1) done();
+  }
+};
+
+// A future that fails at once with `message` (an invalid argument: shapes that do not fit).
+inline ffi::Future Failed(const char* message) {
+  ffi::Promise promise;
+  ffi::Future future(promise);
+  promise.SetError(ffi::Error::InvalidArgument(message));
+  return future;
+}
+
+inline ffi::Future Launch(ffi::ThreadPool& pool, std::function<void(int64_t)> work, int64_t tasks,
+                          std::function<void()> finish = {}) {
+  auto job = std::make_shared<TaskJob>();
+  ffi::Future future(job->promise);
+  job->work = std::move(work);
+  job->finish = std::move(finish);
+  if (tasks <= 0) {
+    job->done();
+    return future;
+  }
+  job->left.store(tasks);
+  if (tasks == 1) {
+    job->run(0);
+    return future;
+  }
+  for (int64_t t = 0; t < tasks; t++) pool.Schedule([job, t] { job->run(t); });
+  return future;
+}
+
+}  // namespace rtdetr_jax
+
+#endif  // RTDETR_JAX_OPS_CPU_TASKS_H_
