@@ -86,7 +86,7 @@ def _bwd(eps, residuals, cotangents):
     stat_dtype = mean.dtype
     xhat = (x.astype(stat_dtype) - mean) * inv
     dy = dy.astype(stat_dtype)
-    targets = moments_targets(x.dtype) if n and dy.dtype == jnp.float32 else None
+    targets = moments_targets(x.dtype) if n else None  # as in the forward (float32 x: float32 dy)
     if targets is not None:
         dbias, dcentered = _native_call(targets[1], c, dy.reshape(n, c), x.reshape(n, c), mean)
         dweight = dcentered * inv

@@ -10,11 +10,11 @@
 // dy * xhat): ~4 passes over the map forward and ~3 backward besides the ones that compute y and dx. Here each sum
 // reads its inputs once, in one call per direction (the forward's centered pass re-reads a chunk from the cache).
 //
-// Exactness and determinism: the rows are cut into chunks of a fixed size (256 rows, fewer where that would be over
-// 64 Ki floats; whatever the thread count); per chunk the sums run in float32 in row order (the forward two-pass: the chunk's mean, then its
-// squared deviations from it), and the chunks are combined in chunk order in double (Chan et al.'s pairwise
-// update for the variance). So the results are bitwise the same with one thread or many, and closer to the exact
-// value than a float32 sum over all rows.
+// Exactness and determinism: the rows are cut into chunks of a fixed size (256 rows, fewer where that would be
+// over 64 Ki floats; whatever the thread count); per chunk the sums run in float32 in row order (the forward
+// two-pass: the chunk's mean, then its squared deviations from it), and the chunks are combined in chunk order in
+// double (Chan et al.'s pairwise update for the variance). So the results are bitwise the same with one thread or
+// many, and closer to the exact value than a float32 sum over all rows.
 //
 // Threads: asynchronous (an FFI future), as cpu_kernel_gradient.cc: the chunks are split into independent tasks
 // on XLA's intra-op pool, each writing its chunks' partial sums; the task that ends last combines them and
@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "cpu_tasks.h"
@@ -38,7 +39,7 @@ namespace {
 using rtdetr_jax::Failed;
 using rtdetr_jax::Launch;
 
-constexpr int64_t kChunkFloats = 1 << 16;  // floats of x per chunk at most: 256 KiB, in the L2 cache for the second pass
+constexpr int64_t kChunkFloats = 1 << 16;  // floats per chunk at most: 256 KiB, in the L2 cache for a second pass
 constexpr int64_t kChunkRows = 256;        // rows per chunk at most: short float32 sums, the rest added in double
 constexpr double kTaskFloats = 2e6;        // floats read per task (~1 ms on a core)
 constexpr int64_t kMaxTasks = 64;
@@ -69,6 +70,13 @@ Plan make_plan(int64_t rows, int64_t channels) {
   p.chunks_per_task = (p.chunks + p.tasks - 1) / p.tasks;
   p.tasks = (p.chunks + p.chunks_per_task - 1) / p.chunks_per_task;
   return p;
+}
+
+// Runs f(k, r0, r1) for task `task`'s chunks k, each over rows [r0, r1), in order.
+template <typename F>
+void for_each_chunk(const Plan& p, int64_t task, F f) {
+  for (int64_t k = task * p.chunks_per_task; k < std::min(p.chunks, (task + 1) * p.chunks_per_task); k++)
+    f(k, k * p.chunk_rows, std::min(p.rows, (k + 1) * p.chunk_rows));
 }
 
 // acc[:n] += x[:n]
@@ -121,13 +129,24 @@ bool is_vector(const B& buffer, int64_t n) {
   return d.size() == 1 && d[0] == n;
 }
 
+// "(d0, d1, ...)": a buffer's shape, for the error messages.
+template <typename B>
+std::string shape_text(const B& buffer) {
+  std::string text = "(";
+  const auto d = buffer.dimensions();
+  for (size_t i = 0; i < d.size(); i++) text += (i ? ", " : "") + std::to_string(d[i]);
+  return text + (d.size() == 1 ? ",)" : ")");
+}
+
 ffi::Future Moments(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> mean,
                     ffi::ResultBuffer<ffi::F32> var) {
   int64_t rows, channels;
-  if (!matrix_shape(x, &rows, &channels)) return Failed("channel_moments: x must be (rows, channels)");
-  if (rows == 0) return Failed("channel_moments: x has no rows");
+  if (!matrix_shape(x, &rows, &channels))
+    return Failed("channel_moments: x must be (rows, channels), got " + shape_text(x));
+  if (rows == 0) return Failed("channel_moments: x " + shape_text(x) + " has no rows");
   if (!is_vector(*mean, channels) || !is_vector(*var, channels))
-    return Failed("channel_moments: the outputs must be (channels,)");
+    return Failed("channel_moments: the outputs must be (channels,) for x " + shape_text(x) + ", got " +
+                  shape_text(*mean) + " and " + shape_text(*var));
   const Plan p = make_plan(rows, channels);
   // per chunk: its mean and its sum of squared deviations from that mean, channels each
   auto partial = std::make_shared<std::vector<float>>(2 * p.chunks * channels);
@@ -136,8 +155,7 @@ ffi::Future Moments(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBu
   float* var_out = var->typed_data();
   auto work = [p, partial, xs](int64_t task) {
     const int64_t c = p.channels;
-    for (int64_t k = task * p.chunks_per_task; k < std::min(p.chunks, (task + 1) * p.chunks_per_task); k++) {
-      const int64_t r0 = k * p.chunk_rows, r1 = std::min(p.rows, r0 + p.chunk_rows);
+    for_each_chunk(p, task, [&](int64_t k, int64_t r0, int64_t r1) {
       float* m = partial->data() + 2 * k * c;
       float* m2 = m + c;
       std::fill(m, m + 2 * c, 0.0f);
@@ -145,7 +163,7 @@ ffi::Future Moments(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBu
       const float inv = 1.0f / static_cast<float>(r1 - r0);
       for (int64_t j = 0; j < c; j++) m[j] *= inv;
       for (int64_t r = r0; r < r1; r++) add_squared_deviation(m2, xs + r * c, m, c);
-    }
+    });
   };
   auto finish = [p, partial, mean_out, var_out] {
     const int64_t c = p.channels;
@@ -172,10 +190,14 @@ ffi::Future GradMoments(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buf
                         ffi::ResultBuffer<ffi::F32> sum_dy_centered) {
   int64_t rows, channels, xr, xc;
   if (!matrix_shape(dy, &rows, &channels) || !matrix_shape(x, &xr, &xc) || xr != rows || xc != channels)
-    return Failed("channel_grad_moments: dy and x must be (rows, channels) alike");
-  if (!is_vector(mean, channels)) return Failed("channel_grad_moments: mean must be (channels,)");
+    return Failed("channel_grad_moments: dy and x must be (rows, channels) alike, got " + shape_text(dy) + " and " +
+                  shape_text(x));
+  if (!is_vector(mean, channels))
+    return Failed("channel_grad_moments: mean must be (channels,) for x " + shape_text(x) + ", got " +
+                  shape_text(mean));
   if (!is_vector(*sum_dy, channels) || !is_vector(*sum_dy_centered, channels))
-    return Failed("channel_grad_moments: the outputs must be (channels,)");
+    return Failed("channel_grad_moments: the outputs must be (channels,) for x " + shape_text(x) + ", got " +
+                  shape_text(*sum_dy) + " and " + shape_text(*sum_dy_centered));
   const Plan p = make_plan(rows, channels);
   auto partial = std::make_shared<std::vector<float>>(2 * p.chunks * channels);
   const float* g = dy.typed_data();
@@ -185,13 +207,12 @@ ffi::Future GradMoments(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buf
   float* s2_out = sum_dy_centered->typed_data();
   auto work = [p, partial, g, xs, m](int64_t task) {
     const int64_t c = p.channels;
-    for (int64_t k = task * p.chunks_per_task; k < std::min(p.chunks, (task + 1) * p.chunks_per_task); k++) {
-      const int64_t r0 = k * p.chunk_rows, r1 = std::min(p.rows, r0 + p.chunk_rows);
+    for_each_chunk(p, task, [&](int64_t k, int64_t r0, int64_t r1) {
       float* s1 = partial->data() + 2 * k * c;
       float* s2 = s1 + c;
       std::fill(s1, s1 + 2 * c, 0.0f);
       for (int64_t r = r0; r < r1; r++) add_grad_row(s1, s2, g + r * c, xs + r * c, m, c);
-    }
+    });
   };
   auto finish = [p, partial, s1_out, s2_out] {
     const int64_t c = p.channels;

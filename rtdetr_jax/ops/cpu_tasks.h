@@ -1,8 +1,8 @@
 // Shared by rtdetr_jax's C++ CPU kernels (cpu_channel_moments.cc, cpu_deformable_sampling.cc): an asynchronous
 // XLA FFI call as independent tasks on XLA's intra-op pool. `Launch` schedules tasks [0, tasks), each running
 // `work(task)` on its own part of the outputs, and returns a future; the task that ends last runs `finish()` (if
-// given) and completes the future, so no thread waits for another. One task runs on the calling thread at once;
-// none completes the future immediately (after `finish`).
+// given) and completes the future, so no thread waits for another. A single task runs on the calling thread; with
+// no tasks, `finish` runs and the future completes before `Launch` returns.
 //
 // rtdetr_jax/ops/native.py compiles each source with this folder on the include path and hashes this header
 // into the cache key of every kernel, so a change here rebuilds them all.
@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <string>
 #include <utility>
 
 #include "xla/ffi/api/ffi.h"
@@ -40,7 +41,7 @@ struct TaskJob {
 };
 
 // A future that fails at once with `message` (an invalid argument: shapes that do not fit).
-inline ffi::Future Failed(const char* message) {
+inline ffi::Future Failed(const std::string& message) {
   ffi::Promise promise;
   ffi::Future future(promise);
   promise.SetError(ffi::Error::InvalidArgument(message));

@@ -8,19 +8,20 @@ ops/deformable_sampling.py). Each source is compiled at `-O3 -march=native` into
 
     $RTDETR_JAX_CACHE   (else $XDG_CACHE_HOME/rtdetr_jax, else ~/.cache/rtdetr_jax)  /native/NAME-KEY.so
 
-where KEY hashes the source, the shared headers beside it (`cpu_tasks.h`), the compiler's version, the flags, jaxlib's version (whose headers it includes) and the
-CPU's model and feature flags, so a shared home folder never hands one machine's instructions to another. The
-build takes ~5 seconds, the first time the kernel is traced (the kernel gradient and the moments: a training step;
-the sampling: the first CPU forward in float32); the library is written under a temporary
-name and renamed, so a failed or interrupted build leaves nothing behind. With `RTDETR_JAX_CACHE=off` it is built
-into a temporary folder for this process.
+where KEY hashes the source, the shared headers beside it (`cpu_tasks.h`), the compiler's version, the flags,
+jaxlib's version (whose headers it includes) and the CPU's model and feature flags, so a shared home folder never
+hands one machine's instructions to another. The build takes ~5 seconds, the first time the kernel is traced (the
+kernel gradient and the moments: a training step; the sampling: the first CPU forward in float32); the library is
+written under a temporary name and renamed, so a failed or interrupted build leaves nothing behind. With
+`RTDETR_JAX_CACHE=off` it is built into a temporary folder for this process.
 
 `RTDETR_JAX_NATIVE` chooses: `on` (the default) uses the kernels where they apply; without a C++ compiler they are
 not expected (`expected`) and `conv2d` keeps its previous forms, batch norm its matrix-vector sums and the
 deformable attention XLA's gathers, silently; when a build fails (no jaxlib headers, a compile error, an unwritable
 cache) it warns once, the gradients being traced fall back to XLA's own computation and later traces to the
-previous forms (batch norm: the matrix-vector sums at once; the sampling: XLA's gathers). `off` never uses them; `require` raises instead of falling back (CI sets
-it, so that a broken build fails the tests instead of passing them on the fallback).
+previous forms (batch norm: the matrix-vector sums at once; the sampling: XLA's gathers). `off` never uses them;
+`require` raises instead of falling back (CI sets it, so that a broken build fails the tests instead of passing
+them on the fallback).
 """
 
 from __future__ import annotations
