@@ -112,28 +112,32 @@ def test_small_convolutions_stay_direct():
 
 def test_narrow_convolutions_on_many_pixels_stay_direct():
     """Below WINOGRAD_WIDE_CHANNELS, Winograd only up to WINOGRAD_NARROW_MAX_PIXELS output pixels over the batch:
-    r18vd's first stage at batch 1 (one 160x160 map) yes, at training's batch 4 no; 128 channels at any size."""
+    r18vd's first stage up to training's batch 4 (four 160x160 maps) yes, at batch 8 no; 128 channels at any size."""
     on_cpu = jax.default_backend() == "cpu"
     assert uses_winograd((1, 160, 160, 64), (3, 3, 64, 64), jnp.float32, 1, 1) is on_cpu
-    assert not uses_winograd((2, 160, 160, 64), (3, 3, 64, 64), jnp.float32, 1, 1)
-    assert not uses_winograd((4, 160, 160, 64), (3, 3, 64, 64), jnp.float32, 1, 1)
-    assert not uses_winograd((1, 160, 161, 64), (3, 3, 64, 128), jnp.float32, 1, 1)
+    assert uses_winograd((4, 160, 160, 64), (3, 3, 64, 64), jnp.float32, 1, 1) is on_cpu
+    assert not uses_winograd((5, 160, 160, 64), (3, 3, 64, 64), jnp.float32, 1, 1)
+    assert not uses_winograd((8, 160, 160, 64), (3, 3, 64, 64), jnp.float32, 1, 1)
+    assert not uses_winograd((4, 160, 161, 64), (3, 3, 64, 128), jnp.float32, 1, 1)  # one column over
     assert uses_winograd((4, 160, 160, 128), (3, 3, 128, 128), jnp.float32, 1, 1) is on_cpu
 
 
 def test_gradient_choice(monkeypatch):
-    """Winograd's input gradient from 128 channels, its kernel gradient from 256; below, the C++ kernel gradient on
-    the CPU in float32 (ops/native.py), else the stacked one on the CPU at batch >= 2, XLA's at batch 1."""
+    """Winograd's input gradient from 64 channels (wherever its forward is used), its kernel gradient from 256;
+    below, the C++ kernel gradient on the CPU in float32 (ops/native.py), else the stacked one on the CPU at
+    batch >= 2, XLA's at batch 1."""
     on_cpu = jax.default_backend() == "cpu"
     monkeypatch.setenv("RTDETR_JAX_NATIVE", "require")
     native = "native" if on_cpu else "xla"
-    assert gradient_algorithms((4, 80, 80, 64), (3, 3, 64, 64)) == ("xla", native)
+    assert gradient_algorithms((4, 80, 80, 64), (3, 3, 64, 64)) == ("winograd", native)
+    assert gradient_algorithms((4, 80, 80, 32), (3, 3, 32, 64)) == ("xla", native)  # below the input gradient's bound
     assert gradient_algorithms((1, 80, 80, 128), (3, 3, 128, 128)) == ("winograd", native)
-    assert gradient_algorithms((4, 80, 80, 64), (3, 3, 64, 64), jnp.bfloat16) == ("xla", "stacked" if on_cpu else "xla")
+    assert gradient_algorithms((4, 80, 80, 64), (3, 3, 64, 64), jnp.bfloat16) == ("winograd",
+                                                                                 "stacked" if on_cpu else "xla")
     monkeypatch.setenv("RTDETR_JAX_NATIVE", "off")
     stacked = "stacked" if on_cpu else "xla"
-    assert gradient_algorithms((4, 80, 80, 64), (3, 3, 64, 64)) == ("xla", stacked)
-    assert gradient_algorithms((4, 80, 80, 64), (3, 3, 64, 256)) == ("xla", stacked)
+    assert gradient_algorithms((4, 80, 80, 64), (3, 3, 64, 64)) == ("winograd", stacked)
+    assert gradient_algorithms((4, 80, 80, 32), (3, 3, 32, 256)) == ("xla", stacked)
     assert gradient_algorithms((4, 80, 80, 128), (3, 3, WINOGRAD_GRADIENT_MIN_CHANNELS, 512)) == ("winograd", stacked)
     assert gradient_algorithms((1, 80, 80, 128), (3, 3, 128, 128)) == ("winograd", "xla")
     channels = WINOGRAD_KERNEL_GRADIENT_MIN_CHANNELS
@@ -186,11 +190,11 @@ def test_conv_algorithm_overrides_the_choice_within_its_block():
             pass
 
 
-@pytest.mark.parametrize("channels", [WINOGRAD_KERNEL_GRADIENT_MIN_CHANNELS, WINOGRAD_GRADIENT_MIN_CHANNELS,
-                                      WINOGRAD_MIN_CHANNELS, 16])
+@pytest.mark.parametrize("channels", list(dict.fromkeys([WINOGRAD_KERNEL_GRADIENT_MIN_CHANNELS, 128,
+                                                         WINOGRAD_GRADIENT_MIN_CHANNELS, WINOGRAD_MIN_CHANNELS, 16])))
 def test_conv2d_module_takes_the_chosen_path_with_the_same_results(channels):
     """The Conv2d module at and below the channel thresholds: Winograd (matmuls, no convolution in the graph) or
-    XLA's convolution, both gradients by Winograd from 256 channels up, and from 128 the input gradient by Winograd
+    XLA's convolution, both gradients by Winograd from 256 channels up, and from 64 the input gradient by Winograd
     with the C++ kernel gradient where it is used (no convolution in the gradient's graph either way), and either
     way the direct convolution's output and gradients to float32 rounding."""
     rng = np.random.default_rng(channels)

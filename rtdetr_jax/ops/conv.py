@@ -26,8 +26,8 @@ inside the block, for benchmarks and tests that compare the two in one process. 
 object, so jit a fresh function (a new lambda) inside the block: a function traced before is not traced again.
 
 Where Winograd pays (benchmarks/README.md, "Winograd"): on the 2-core CPU at 64-512 channels, one convolution's
-forward 1.25-1.75x faster than XLA's, and from 128 channels up the input gradient by Winograd too, from 256 the
-kernel gradient (`gradient_algorithms`; ops/winograd.py says why); at 32 channels (the deep stem at 320x320) it
+forward 1.25-1.75x faster than XLA's, and wherever the forward is Winograd's the input gradient by Winograd too
+(from 64 channels; from 128 before the twenty-fourth session), from 256 the kernel gradient (`gradient_algorithms`; ops/winograd.py says why); at 32 channels (the deep stem at 320x320) it
 was 1.2-2.9x slower.
 `WINOGRAD_MIN_FLOP` keeps small convolutions direct: at 0.12 GFLOP ((1, 20, 20, 128) -> 128, the encoder's last
 RepVGG blocks) runs disagreed (0.81x to 1.24x, a fraction of a millisecond either way), while each Winograd
@@ -35,10 +35,14 @@ convolution adds some 40 operations for XLA to compile, which the narrow test an
 nothing; from 0.47 GFLOP up ((1, 40, 40, 128) -> 128, (16, 20, 20, 64) -> 64) it won in every run, except
 (4, 160, 160, 64) -> 64 (training's first stage, 0.91x to 1.11x across runs on the AVX2 machine, 0.82x on the
 Intel AVX-512 one). So below `WINOGRAD_WIDE_CHANNELS` channels Winograd is used only up to
-`WINOGRAD_NARROW_MAX_PIXELS` output pixels over the batch (one 160x160 map): at 64 channels on more pixels the
-transforms' memory traffic outweighs the saved multiplications on both machines measured. On the Intel machine
-that made the r18vd training step paired 0.986 of the time and the batch-8 forward 0.981; the batch-1 forward
-keeps Winograd at (1, 160, 160, 64) -> 64, 1.23x faster on the AVX2 machine, 0.86-0.89x on the Intel one.
+`WINOGRAD_NARROW_MAX_PIXELS` output pixels over the batch. That bound is machine-dependent. On the Intel machine,
+with one 160x160 map as the bound, the r18vd training step took paired 0.986 of the time and the batch-8 forward
+0.981, against Winograd everywhere. On the Zen 4 machine of the later sessions (twenty-fourth session) Winograd
+won at (4, 160, 160, 64) -> 64: forward 37-44 against 43-48 ms, input gradient 36-41 against 43-46 ms
+(medians of 7, several runs). The training step with Winograd for the first stage, forward and input gradient,
+took paired 0.983, 0.991, 0.996 and 1/1.037 of the time (4 in-process A/Bs, both orders). At batch 8 the two
+were even (forward 79-102 against 86-106 ms). So the bound is now four 160x160 maps, the r18vd batch-4 step's
+first stage, and the batch-8 forward keeps XLA's there.
 On GPU (cuDNN picks its own algorithms, Winograd among them) and TPU (convolutions run on the matrix unit) it is
 not used, nor in bfloat16/float16, whose rounding the transforms would amplify.
 """
@@ -59,12 +63,12 @@ from rtdetr_jax.ops.xla_conv import plain_conv2d
 from rtdetr_jax.ops.winograd import winograd_conv3x3
 
 WINOGRAD_MIN_CHANNELS = 64
-WINOGRAD_GRADIENT_MIN_CHANNELS = 128  # the input gradient by Winograd too (ops/winograd.py)
+WINOGRAD_GRADIENT_MIN_CHANNELS = 64  # the input gradient by Winograd too (ops/winograd.py)
 WINOGRAD_KERNEL_GRADIENT_MIN_CHANNELS = 256  # and the kernel gradient; below, the stacked one (ops/kernel_gradient.py)
 PHASE_KERNEL_GRADIENT_MIN_CHANNELS = 64  # strided kernel gradients per phase: faster from 64, slower at 3
 WINOGRAD_MIN_FLOP = 2.5e8  # of the direct convolution: 2 * 9 * in * out per output pixel
 WINOGRAD_WIDE_CHANNELS = 128  # from here on Winograd at any number of pixels; below, only up to:
-WINOGRAD_NARROW_MAX_PIXELS = 160 * 160  # output pixels over the whole batch
+WINOGRAD_NARROW_MAX_PIXELS = 4 * 160 * 160  # output pixels over the whole batch
 ALGORITHMS = ("auto", "direct", "winograd")
 _ALGORITHM = contextvars.ContextVar("rtdetr_jax_conv_algorithm", default="auto")
 
@@ -136,7 +140,7 @@ def gradient_algorithms(x_shape, kernel_shape, dtype=jnp.float32) -> tuple[str, 
     """For a convolution that `uses_winograd`: (input gradient, kernel gradient) as `winograd_conv3x3` takes them.
     Under "auto": Winograd's input gradient from `WINOGRAD_GRADIENT_MIN_CHANNELS` channels up (faster per
     convolution: 1.2-2x at 40x40 maps and below, about even at (4, 80, 80, 128); at 64 channels on the large maps
-    XLA's was faster), Winograd's kernel gradient from `WINOGRAD_KERNEL_GRADIENT_MIN_CHANNELS` up (at
+    XLA's was faster on the earlier machines, Winograd's on the Zen 4 one, see above), Winograd's kernel gradient from `WINOGRAD_KERNEL_GRADIENT_MIN_CHANNELS` up (at
     (4, 20, 20, 512) 38 ms against the stacked one's 71 ms; at (4, 80, 80, 128) 110 vs 85 ms), the stacked one
     below the C++ kernel where `uses_native_kernel_gradient`, else the stacked one where
     `uses_stacked_kernel_gradient`, else XLA's. Under `conv_algorithm("winograd")` both Winograd's."""

@@ -16,9 +16,9 @@ compiles in ~16 s instead of ~3.3 s all direct (16 planes per convolution, and t
 
 The gradients come from a `custom_vjp` that saves only the input and the kernel (a convolution's gradient does not
 depend on how its forward was computed); each is picked on its own (`conv2d` decides): the input gradient is XLA's
-or, from 128 channels up, Winograd's (`_winograd_input_gradient`); the kernel gradient is XLA's, the stacked-batch
-one (ops/kernel_gradient.py) or, from 256 channels up, Winograd's (`_winograd_kernel_gradient`), the planes
-recomputed in the backward. Winograd's gradients from 128 channels made the r18vd batch-4 train step 0.94x the
+or, from 64 channels up (128 until the twenty-fourth session), Winograd's (`_winograd_input_gradient`); the kernel
+gradient is XLA's, the stacked-batch one, the C++ one (ops/kernel_gradient.py) or, from 256 channels up,
+Winograd's (`_winograd_kernel_gradient`), the planes recomputed in the backward. Winograd's gradients from 128 channels made the r18vd batch-4 train step 0.94x the
 time (paired A/B) for a 32 s longer first step; at (4, 80, 80, 128) the stacked kernel gradient later beat
 Winograd's (85 vs 110 ms), at (4, 20, 20, 512) Winograd's stayed faster (38 vs 71 ms). Letting jax differentiate
 the planes instead was 1.4-1.8x faster for one convolution alone, but slower in that step (7.65 s vs 7.23 s a
