@@ -8,6 +8,8 @@ kernels and without them."""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -172,6 +174,31 @@ def test_wrong_shapes_or_dtypes_are_one_line_errors():
         weighted_gather(value, weight, weight, targets)
     with pytest.raises(ValueError, match=r"^weighted_gather: value \(2, 0, 4, 8\) has no tokens to gather$"):
         weighted_gather(jnp.ones((2, 0, 4, 8)), index, weight, targets)
+
+
+def test_the_kernels_themselves_name_the_shapes_they_refuse():
+    """Called past `weighted_gather`'s checks, the C++ kernels' own errors: one line naming the shapes."""
+    forward, backward = sampling_targets(jnp.float32)
+    value, index, weight = jnp.ones((2, 10, 4, 8)), jnp.zeros((2, 3, 4, 5), jnp.int32), jnp.ones((2, 3, 4, 5))
+    out = jax.ShapeDtypeStruct((2, 3, 4, 8), jnp.float32)
+    grads = (jax.ShapeDtypeStruct(value.shape, jnp.float32), jax.ShapeDtypeStruct(weight.shape, jnp.float32))
+    d_out = jnp.ones((2, 3, 4, 8))
+    misfit = (r"value \(2, 10, 4, 8\), index \(2, 3, 4, 5\) and weight \(2, 3, 4, 6\) do not fit "
+              r"\(batch, tokens, groups, channels\) and \(batch, queries, heads, taps\)")
+    cases = [
+        (forward, (value, index, jnp.ones((2, 3, 4, 6))), out, "deformable_sampling: " + misfit),
+        (forward, (value, index, weight), jax.ShapeDtypeStruct((2, 3, 4, 7), jnp.float32),
+         r"deformable_sampling: the output \(2, 3, 4, 7\) does not fit value \(2, 10, 4, 8\) and index "
+         r"\(2, 3, 4, 5\)"),
+        (backward, (value, index, jnp.ones((2, 3, 4, 6)), d_out), grads, "deformable_sampling_grad: " + misfit),
+        (backward, (value, index, weight, d_out[:, :2]), grads,
+         r"deformable_sampling_grad: d_out \(2, 2, 4, 8\), d_value \(2, 10, 4, 8\) and d_weight \(2, 3, 4, 5\) do "
+         r"not fit value \(2, 10, 4, 8\) and index \(2, 3, 4, 5\)"),
+    ]
+    for target, operands, outs, message in cases:
+        with pytest.raises(Exception, match=message) as err:
+            jax.block_until_ready(jax.ffi.ffi_call(target, outs)(*operands))
+        assert re.fullmatch("INVALID_ARGUMENT: " + message, str(err.value)), str(err.value)  # the whole error, one line
 
 
 def attention_graphs(dtype=jnp.float32, weight_dtype=None):

@@ -6,6 +6,8 @@ compares the detector's training gradients with the C++ kernels and without them
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -128,6 +130,30 @@ def test_wrong_shapes_or_dtype_are_one_line_errors():
         native_kernel_gradient(x, dy, (3, 3, 4, 16), 1, 1)  # in channels
     with pytest.raises(ValueError, match=r"^native_kernel_gradient: x is bfloat16, the C\+\+ kernel takes float32$"):
         native_kernel_gradient(x.astype(jnp.bfloat16), dy, (3, 3, 3, 16), 1, 1)
+
+
+def test_the_kernel_itself_names_the_shapes_it_refuses():
+    """Called past `native_kernel_gradient`'s checks, the C++ kernel's own errors: one line naming the shapes."""
+    f32 = jnp.float32
+    target = native.target("kernel_gradient")
+    x, dy = jnp.ones((2, 6, 6, 3), f32), jnp.ones((2, 6, 6, 16), f32)
+    kernel = jax.ShapeDtypeStruct((3, 3, 3, 16), f32)
+    cases = [
+        ((x[0], dy), kernel, 1, 1,
+         r"kernel_gradient: x \(6, 6, 3\), dy \(2, 6, 6, 16\) and the kernel gradient \(3, 3, 3, 16\) must be 4-d "
+         r"\(NHWC, NHWC, HWIO\)"),
+        ((x, dy), kernel, 0, 1, r"kernel_gradient: stride 0 and padding 1 must be >= 1 and >= 0"),
+        ((x, dy[:, :5]), kernel, 1, 1,
+         r"kernel_gradient: x \(2, 6, 6, 3\), dy \(2, 5, 6, 16\) and the kernel gradient \(3, 3, 3, 16\) do not fit "
+         r"at stride 1, padding 1"),
+        ((x, dy[:, :, :, :1]), jax.ShapeDtypeStruct((3, 3, 3, 1), f32), 1, 1,
+         r"kernel_gradient: 1 output channels are not a multiple of \d+ \(the Python side pads them\)"),
+    ]
+    for operands, out, stride, padding, message in cases:
+        call = jax.ffi.ffi_call(target, out)
+        with pytest.raises(Exception, match=message) as err:
+            jax.block_until_ready(call(*operands, stride=np.int64(stride), padding=np.int64(padding)))
+        assert re.fullmatch("INVALID_ARGUMENT: " + message, str(err.value)), str(err.value)  # the whole error, one line
 
 
 def gradient_graph(x, kernel, stride=1, padding=1):

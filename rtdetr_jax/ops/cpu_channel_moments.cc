@@ -38,6 +38,7 @@ namespace {
 
 using rtdetr_jax::Failed;
 using rtdetr_jax::Launch;
+using rtdetr_jax::ShapeText;
 
 constexpr int64_t kChunkFloats = 1 << 16;  // floats per chunk at most: 256 KiB, in the L2 cache for a second pass
 constexpr int64_t kChunkRows = 256;        // rows per chunk at most: short float32 sums, the rest added in double
@@ -129,24 +130,15 @@ bool is_vector(const B& buffer, int64_t n) {
   return d.size() == 1 && d[0] == n;
 }
 
-// "(d0, d1, ...)": a buffer's shape, for the error messages.
-template <typename B>
-std::string shape_text(const B& buffer) {
-  std::string text = "(";
-  const auto d = buffer.dimensions();
-  for (size_t i = 0; i < d.size(); i++) text += (i ? ", " : "") + std::to_string(d[i]);
-  return text + (d.size() == 1 ? ",)" : ")");
-}
-
 ffi::Future Moments(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> mean,
                     ffi::ResultBuffer<ffi::F32> var) {
   int64_t rows, channels;
   if (!matrix_shape(x, &rows, &channels))
-    return Failed("channel_moments: x must be (rows, channels), got " + shape_text(x));
-  if (rows == 0) return Failed("channel_moments: x " + shape_text(x) + " has no rows");
+    return Failed("channel_moments: x must be (rows, channels), got " + ShapeText(x));
+  if (rows == 0) return Failed("channel_moments: x " + ShapeText(x) + " has no rows");
   if (!is_vector(*mean, channels) || !is_vector(*var, channels))
-    return Failed("channel_moments: the outputs must be (channels,) for x " + shape_text(x) + ", got " +
-                  shape_text(*mean) + " and " + shape_text(*var));
+    return Failed("channel_moments: the outputs must be (channels,) for x " + ShapeText(x) + ", got " +
+                  ShapeText(*mean) + " and " + ShapeText(*var));
   const Plan p = make_plan(rows, channels);
   // per chunk: its mean and its sum of squared deviations from that mean, channels each
   auto partial = std::make_shared<std::vector<float>>(2 * p.chunks * channels);
@@ -190,14 +182,14 @@ ffi::Future GradMoments(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buf
                         ffi::ResultBuffer<ffi::F32> sum_dy_centered) {
   int64_t rows, channels, xr, xc;
   if (!matrix_shape(dy, &rows, &channels) || !matrix_shape(x, &xr, &xc) || xr != rows || xc != channels)
-    return Failed("channel_grad_moments: dy and x must be (rows, channels) alike, got " + shape_text(dy) + " and " +
-                  shape_text(x));
+    return Failed("channel_grad_moments: dy and x must be (rows, channels) alike, got " + ShapeText(dy) + " and " +
+                  ShapeText(x));
   if (!is_vector(mean, channels))
-    return Failed("channel_grad_moments: mean must be (channels,) for x " + shape_text(x) + ", got " +
-                  shape_text(mean));
+    return Failed("channel_grad_moments: mean must be (channels,) for x " + ShapeText(x) + ", got " +
+                  ShapeText(mean));
   if (!is_vector(*sum_dy, channels) || !is_vector(*sum_dy_centered, channels))
-    return Failed("channel_grad_moments: the outputs must be (channels,) for x " + shape_text(x) + ", got " +
-                  shape_text(*sum_dy) + " and " + shape_text(*sum_dy_centered));
+    return Failed("channel_grad_moments: the outputs must be (channels,) for x " + ShapeText(x) + ", got " +
+                  ShapeText(*sum_dy) + " and " + ShapeText(*sum_dy_centered));
   const Plan p = make_plan(rows, channels);
   auto partial = std::make_shared<std::vector<float>>(2 * p.chunks * channels);
   const float* g = dy.typed_data();

@@ -31,6 +31,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "cpu_tasks.h"
@@ -42,6 +43,7 @@ namespace {
 
 using rtdetr_jax::Failed;
 using rtdetr_jax::Launch;
+using rtdetr_jax::ShapeText;
 
 constexpr double kTaskFloats = 2e6;  // multiply-adds per forward task: ~1 ms of gathers on a core
 constexpr int64_t kMaxTasks = 64;
@@ -206,7 +208,7 @@ int64_t row_task_count(const Shape& s) {
   return std::min<int64_t>({kMaxTasks, rows, std::max<int64_t>(1, static_cast<int64_t>(work / kTaskFloats))});
 }
 
-// Shapes from value (b, t, g, c) and index (b, q, h, k); false when they do not fit together.
+// Shapes from value (b, t, g, c) and index (b, q, h, k); false when they do not fit together (with weight).
 bool read_shape(ffi::Buffer<ffi::F32>& value, ffi::Buffer<ffi::S32>& index, ffi::Buffer<ffi::F32>& weight,
                 Shape* s) {
   const auto vd = value.dimensions(), id = index.dimensions(), wd = weight.dimensions();
@@ -217,13 +219,21 @@ bool read_shape(ffi::Buffer<ffi::F32>& value, ffi::Buffer<ffi::S32>& index, ffi:
   return id[0] == s->b && (s->g == 1 || s->g == s->h) && (s->t > 0 || s->b * s->q * s->h * s->k == 0);
 }
 
+// The one-line error for inputs that `read_shape` refuses.
+std::string inputs_text(ffi::Buffer<ffi::F32>& value, ffi::Buffer<ffi::S32>& index, ffi::Buffer<ffi::F32>& weight) {
+  return "value " + ShapeText(value) + ", index " + ShapeText(index) + " and weight " + ShapeText(weight) +
+         " do not fit (batch, tokens, groups, channels) and (batch, queries, heads, taps)";
+}
+
 ffi::Future Sample(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> value, ffi::Buffer<ffi::S32> index,
                    ffi::Buffer<ffi::F32> weight, ffi::ResultBuffer<ffi::F32> out) {
   Shape s;
-  if (!read_shape(value, index, weight, &s)) return Failed("deformable_sampling: inconsistent shapes");
+  if (!read_shape(value, index, weight, &s))
+    return Failed("deformable_sampling: " + inputs_text(value, index, weight));
   const auto od = out->dimensions();
   if (od.size() != 4 || od[0] != s.b || od[1] != s.q || od[2] != s.h || od[3] != s.c)
-    return Failed("deformable_sampling: the output's shape does not fit");
+    return Failed("deformable_sampling: the output " + ShapeText(*out) + " does not fit value " + ShapeText(value) +
+                  " and index " + ShapeText(index));
   const int64_t rows = s.b * s.q * s.h, tasks = row_task_count(s);
   const int64_t per = tasks > 0 ? (rows + tasks - 1) / tasks : 0;
   const float* v = value.typed_data();
@@ -239,12 +249,15 @@ ffi::Future SampleGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> value, ffi::B
                        ffi::Buffer<ffi::F32> weight, ffi::Buffer<ffi::F32> d_out,
                        ffi::ResultBuffer<ffi::F32> d_value, ffi::ResultBuffer<ffi::F32> d_weight) {
   Shape s;
-  if (!read_shape(value, index, weight, &s)) return Failed("deformable_sampling_grad: inconsistent shapes");
+  if (!read_shape(value, index, weight, &s))
+    return Failed("deformable_sampling_grad: " + inputs_text(value, index, weight));
   const auto od = d_out.dimensions(), dvd = d_value->dimensions(), dwd = d_weight->dimensions();
   if (od.size() != 4 || od[0] != s.b || od[1] != s.q || od[2] != s.h || od[3] != s.c ||
       dvd.size() != 4 || dvd[0] != s.b || dvd[1] != s.t || dvd[2] != s.g || dvd[3] != s.c ||
       dwd.size() != 4 || dwd[0] != s.b || dwd[1] != s.q || dwd[2] != s.h || dwd[3] != s.k)
-    return Failed("deformable_sampling_grad: the gradients' shapes do not fit");
+    return Failed("deformable_sampling_grad: d_out " + ShapeText(d_out) + ", d_value " + ShapeText(*d_value) +
+                  " and d_weight " + ShapeText(*d_weight) + " do not fit value " + ShapeText(value) + " and index " +
+                  ShapeText(index));
   const float* v = value.typed_data();
   const int32_t* idx = index.typed_data();
   const float* w = weight.typed_data();

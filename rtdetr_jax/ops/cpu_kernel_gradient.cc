@@ -31,13 +31,18 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <vector>
 
+#include "cpu_tasks.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using rtdetr_jax::Failed;
+using rtdetr_jax::ShapeText;
 
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;  // floats per vector register
@@ -227,23 +232,25 @@ struct Job {
   }
 };
 
-ffi::Future Failed(const char* message) {
-  ffi::Promise promise;
-  ffi::Future future(promise);
-  promise.SetError(ffi::Error::InvalidArgument(message));
-  return future;
-}
-
 // Asynchronous (see "Threads" at the top): schedules the parts' tasks and returns the future they complete.
 ffi::Future KernelGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                            ffi::ResultBuffer<ffi::F32> dk, int64_t stride, int64_t padding) {
   const auto xd = x.dimensions(), dyd = dy.dimensions(), kd = dk->dimensions();
+  const std::string shapes =
+      "x " + ShapeText(x) + ", dy " + ShapeText(dy) + " and the kernel gradient " + ShapeText(*dk);
   if (xd.size() != 4 || dyd.size() != 4 || kd.size() != 4)
-    return Failed("kernel_gradient: x, dy and the kernel must be 4-d");
+    return Failed("kernel_gradient: " + shapes + " must be 4-d (NHWC, NHWC, HWIO)");
+  if (stride < 1 || padding < 0)
+    return Failed("kernel_gradient: stride " + std::to_string(stride) + " and padding " + std::to_string(padding) +
+                  " must be >= 1 and >= 0");
   Geometry g{xd[0], xd[1], xd[2], xd[3], dyd[1], dyd[2], dyd[3], kd[0], kd[1], stride, padding};
-  if (dyd[0] != g.n || kd[2] != g.ci || kd[3] != g.co || g.co % kLanes != 0 || stride < 1 || padding < 0 ||
+  if (dyd[0] != g.n || kd[2] != g.ci || kd[3] != g.co ||
       g.ho != (g.h + 2 * padding - g.kh) / stride + 1 || g.wo != (g.w + 2 * padding - g.kw) / stride + 1)
-    return Failed("kernel_gradient: inconsistent shapes");
+    return Failed("kernel_gradient: " + shapes + " do not fit at stride " + std::to_string(stride) +
+                  ", padding " + std::to_string(padding));
+  if (g.co % kLanes != 0)
+    return Failed("kernel_gradient: " + std::to_string(g.co) + " output channels are not a multiple of " +
+                  std::to_string(kLanes) + " (the Python side pads them)");
   const int64_t size = g.kh * g.kw * g.ci * g.co;
   const int64_t total = g.n * g.ho;
   auto job = std::make_shared<Job>();

@@ -1,5 +1,6 @@
-// Shared by rtdetr_jax's C++ CPU kernels (cpu_channel_moments.cc, cpu_deformable_sampling.cc): an asynchronous
-// XLA FFI call as independent tasks on XLA's intra-op pool. `Launch` schedules tasks [0, tasks), each running
+// Shared by rtdetr_jax's C++ CPU kernels: `Failed` and `ShapeText` for their one-line errors (all three), and
+// `Launch` (cpu_channel_moments.cc, cpu_deformable_sampling.cc; the kernel gradient schedules its own parts), an
+// asynchronous XLA FFI call as independent tasks on XLA's intra-op pool. `Launch` schedules tasks [0, tasks), each running
 // `work(task)` on its own part of the outputs, and returns a future; the task that ends last runs `finish()` (if
 // given) and completes the future, so no thread waits for another. A single task runs on the calling thread; with
 // no tasks, `finish` runs and the future completes before `Launch` returns.
@@ -39,6 +40,15 @@ struct TaskJob {
     if (left.fetch_sub(1) == 1) done();
   }
 };
+
+// "(d0, d1, ...)": a buffer's shape, for the error messages ("(n,)" for one dimension).
+template <typename B>
+std::string ShapeText(const B& buffer) {
+  std::string text = "(";
+  const auto d = buffer.dimensions();
+  for (size_t i = 0; i < d.size(); i++) text += (i ? ", " : "") + std::to_string(d[i]);
+  return text + (d.size() == 1 ? ",)" : ")");
+}
 
 // A future that fails at once with `message` (an invalid argument: shapes that do not fit).
 inline ffi::Future Failed(const std::string& message) {
