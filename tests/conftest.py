@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -303,3 +304,13 @@ def one_thread_outputs(code: str, tmp_path) -> list[np.ndarray]:
     assert res.returncode == 0, res.stderr[-3000:]
     saved = np.load(path)
     return [saved[f"arr_{i}"] for i in range(len(saved.files))]
+
+
+def assert_kernel_refuses(target: str, outs, operands, message: str, **attributes) -> None:
+    """An XLA FFI call of the C++ kernel `target` on `operands` (results shaped as `outs`, `attributes` passed as
+    the call's attributes) fails with the whole error `INVALID_ARGUMENT: <message>`, one line (`message` a regex)."""
+    import jax
+
+    with pytest.raises(Exception, match=message) as err:
+        jax.block_until_ready(jax.ffi.ffi_call(target, outs)(*operands, **attributes))
+    assert re.fullmatch("INVALID_ARGUMENT: " + message, str(err.value)), str(err.value)

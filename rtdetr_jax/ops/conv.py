@@ -27,8 +27,8 @@ object, so jit a fresh function (a new lambda) inside the block: a function trac
 
 Where Winograd pays (benchmarks/README.md, "Winograd"): on the 2-core CPU at 64-512 channels, one convolution's
 forward 1.25-1.75x faster than XLA's, and wherever the forward is Winograd's the input gradient by Winograd too
-(from 64 channels; from 128 before the twenty-fourth session), from 256 the kernel gradient (`gradient_algorithms`; ops/winograd.py says why); at 32 channels (the deep stem at 320x320) it
-was 1.2-2.9x slower.
+(from 64 channels; from 128 before the twenty-fourth session), from 256 the kernel gradient (`gradient_algorithms`;
+ops/winograd.py says why); at 32 channels (the deep stem at 320x320) it was 1.2-2.9x slower.
 `WINOGRAD_MIN_FLOP` keeps small convolutions direct: at 0.12 GFLOP ((1, 20, 20, 128) -> 128, the encoder's last
 RepVGG blocks) runs disagreed (0.81x to 1.24x, a fraction of a millisecond either way), while each Winograd
 convolution adds some 40 operations for XLA to compile, which the narrow test and demo models would pay for
@@ -140,10 +140,11 @@ def gradient_algorithms(x_shape, kernel_shape, dtype=jnp.float32) -> tuple[str, 
     """For a convolution that `uses_winograd`: (input gradient, kernel gradient) as `winograd_conv3x3` takes them.
     Under "auto": Winograd's input gradient from `WINOGRAD_GRADIENT_MIN_CHANNELS` channels up (faster per
     convolution: 1.2-2x at 40x40 maps and below, about even at (4, 80, 80, 128); at 64 channels on the large maps
-    XLA's was faster on the earlier machines, Winograd's on the Zen 4 one, see above), Winograd's kernel gradient from `WINOGRAD_KERNEL_GRADIENT_MIN_CHANNELS` up (at
-    (4, 20, 20, 512) 38 ms against the stacked one's 71 ms; at (4, 80, 80, 128) 110 vs 85 ms), the stacked one
-    below the C++ kernel where `uses_native_kernel_gradient`, else the stacked one where
-    `uses_stacked_kernel_gradient`, else XLA's. Under `conv_algorithm("winograd")` both Winograd's."""
+    XLA's was faster on the earlier machines, Winograd's on the Zen 4 one, see above), Winograd's kernel gradient
+    from `WINOGRAD_KERNEL_GRADIENT_MIN_CHANNELS` up (at (4, 20, 20, 512) 38 ms against the stacked one's 71 ms; at
+    (4, 80, 80, 128) 110 vs 85 ms), the stacked one below the C++ kernel where `uses_native_kernel_gradient`, else
+    the stacked one where `uses_stacked_kernel_gradient`, else XLA's. Under `conv_algorithm("winograd")` both
+    Winograd's."""
     if _ALGORITHM.get() == "winograd":
         return "winograd", "winograd"
     channels = min(kernel_shape[2], kernel_shape[3])

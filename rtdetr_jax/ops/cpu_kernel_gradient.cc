@@ -236,17 +236,19 @@ struct Job {
 ffi::Future KernelGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                            ffi::ResultBuffer<ffi::F32> dk, int64_t stride, int64_t padding) {
   const auto xd = x.dimensions(), dyd = dy.dimensions(), kd = dk->dimensions();
-  const std::string shapes =
-      "x " + ShapeText(x) + ", dy " + ShapeText(dy) + " and the kernel gradient " + ShapeText(*dk);
+  // the operands' shapes for an error message, built only when one is returned
+  auto shapes = [&] {
+    return "x " + ShapeText(x) + ", dy " + ShapeText(dy) + " and the kernel gradient " + ShapeText(*dk);
+  };
   if (xd.size() != 4 || dyd.size() != 4 || kd.size() != 4)
-    return Failed("kernel_gradient: " + shapes + " must be 4-d (NHWC, NHWC, HWIO)");
+    return Failed("kernel_gradient: " + shapes() + " must be 4-d (NHWC, NHWC, HWIO)");
   if (stride < 1 || padding < 0)
     return Failed("kernel_gradient: stride " + std::to_string(stride) + " and padding " + std::to_string(padding) +
                   " must be >= 1 and >= 0");
   Geometry g{xd[0], xd[1], xd[2], xd[3], dyd[1], dyd[2], dyd[3], kd[0], kd[1], stride, padding};
   if (dyd[0] != g.n || kd[2] != g.ci || kd[3] != g.co ||
       g.ho != (g.h + 2 * padding - g.kh) / stride + 1 || g.wo != (g.w + 2 * padding - g.kw) / stride + 1)
-    return Failed("kernel_gradient: " + shapes + " do not fit at stride " + std::to_string(stride) +
+    return Failed("kernel_gradient: " + shapes() + " do not fit at stride " + std::to_string(stride) +
                   ", padding " + std::to_string(padding));
   if (g.co % kLanes != 0)
     return Failed("kernel_gradient: " + std::to_string(g.co) + " output channels are not a multiple of " +

@@ -17,12 +17,13 @@ compiles in ~16 s instead of ~3.3 s all direct (16 planes per convolution, and t
 The gradients come from a `custom_vjp` that saves only the input and the kernel (a convolution's gradient does not
 depend on how its forward was computed); each is picked on its own (`conv2d` decides): the input gradient is XLA's
 or, from 64 channels up (128 until the twenty-fourth session), Winograd's (`_winograd_input_gradient`); the kernel
-gradient is XLA's, the stacked-batch one, the C++ one (ops/kernel_gradient.py) or, from 256 channels up,
-Winograd's (`_winograd_kernel_gradient`), the planes recomputed in the backward. Winograd's gradients from 128 channels made the r18vd batch-4 train step 0.94x the
-time (paired A/B) for a 32 s longer first step; at (4, 80, 80, 128) the stacked kernel gradient later beat
-Winograd's (85 vs 110 ms), at (4, 20, 20, 512) Winograd's stayed faster (38 vs 71 ms). Letting jax differentiate
-the planes instead was 1.4-1.8x faster for one convolution alone, but slower in that step (7.65 s vs 7.23 s a
-step, direct throughout) and compiled 28 s longer: its residuals are the 4x-sized transformed inputs.
+gradient is XLA's, the stacked-batch one, the C++ one (ops/kernel_gradient.py) or, from 256 channels up, Winograd's
+(`_winograd_kernel_gradient`), the planes recomputed in the backward. Winograd's gradients from 128 channels made
+the r18vd batch-4 train step 0.94x the time (paired A/B) for a 32 s longer first step; at (4, 80, 80, 128) the
+stacked kernel gradient later beat Winograd's (85 vs 110 ms), at (4, 20, 20, 512) Winograd's stayed faster (38 vs
+71 ms). Letting jax differentiate the planes instead was 1.4-1.8x faster for one convolution alone, but slower in that
+step (7.65 s vs 7.23 s a step, direct throughout) and compiled 28 s longer: its residuals are the 4x-sized
+transformed inputs.
 
 The 16 planes are kept as separate arrays, not stacked into one (16, tiles, channels) batch: stacked, XLA:CPU
 built the transformed input as one concatenation that ran several times slower than the 16 fused slices-and-adds
@@ -100,8 +101,8 @@ FLIP = (3, 1, 2, 0)
 def winograd_conv3x3(x, kernel, input_gradient: str = "xla", kernel_gradient: str = "xla"):
     """`conv2d(x, kernel, stride=1, padding=1)` for x (batch, H, W, in) and a (3, 3, in, out) kernel; any H, W
     (odd sizes are padded by one row or column and cropped back). Gradients: `input_gradient` "xla" (the direct
-    convolution's) or "winograd"; `kernel_gradient` "xla", "stacked" (ops/kernel_gradient.py), "native" (the C++ kernel there) or
-    "winograd"."""
+    convolution's) or "winograd"; `kernel_gradient` "xla", "stacked" (ops/kernel_gradient.py), "native" (the C++
+    kernel there) or "winograd"."""
     if input_gradient not in INPUT_GRADIENTS:
         raise ValueError(f"input_gradient {input_gradient!r} is not one of {', '.join(INPUT_GRADIENTS)}")
     if kernel_gradient not in KERNEL_GRADIENTS:
