@@ -1,0 +1,115 @@
+"""Our training step against itself with module constants changed: an in-process A/B of one lever.
+
+    python benchmarks/ab_training_step.py --set rtdetr_jax.ops.conv.WINOGRAD_NARROW_MAX_PIXELS=25600 \\
+        --set rtdetr_jax.ops.conv.WINOGRAD_GRADIENT_MIN_CHANNELS=128 [--rounds 10] [--order ab] [--preset r18vd]
+        [--batch 4] [--size 640]
+
+Why: the library's algorithm choices (the bounds in rtdetr_jax/ops/conv.py and the like) are read when a function
+is traced, so two train steps traced under different values can live in one process and run alternately
+(`common.paired_times`, which swaps which side goes first every round), on the same machine minute. Side "a" is
+the code as it is, side "b" the code with every `--set MODULE.NAME=VALUE` applied while it is traced (VALUE a
+Python literal). `--order ba` compiles "b" first: the harness has a position bias of ~1-2% (which step was
+compiled and placed in memory first), so run both orders and read the two paired ratios together.
+
+Prints both sides' step times, their medians and the paired ratio b/a (below 1: "b" is faster), and writes
+benchmarks/results/ab_training_step.json. A step A/B resolves ~1% over 10-14 rounds on the 2-core machine; a
+lever smaller than that needs the op profile instead (benchmarks/README.md says which ones were judged so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from common import (machine_info, our_train_step, paired_times, start_like_the_cli,  # noqa: E402
+                    synthetic_detection_batch, write_result)
+
+
+def parse_setting(text: str):
+    """'package.module.NAME=VALUE' -> (module, 'NAME', value); a one-line error for anything else."""
+    target, sep, literal = text.partition("=")
+    module_name, _, name = target.rpartition(".")
+    if not sep or not module_name or not name:
+        raise ValueError(f"--set {text!r}: expected MODULE.NAME=VALUE, "
+                         "e.g. rtdetr_jax.ops.conv.WINOGRAD_MIN_CHANNELS=128")
+    try:
+        value = ast.literal_eval(literal)
+    except (ValueError, SyntaxError):
+        raise ValueError(f"--set {text!r}: {literal!r} is not a Python literal") from None
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise ValueError(f"--set {text!r}: no module {module_name!r}") from None
+    if not hasattr(module, name):
+        raise ValueError(f"--set {text!r}: {module_name} has no {name}")
+    return module, name, value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--set", dest="settings", action="append", required=True, metavar="MODULE.NAME=VALUE",
+                        help="a module constant and its value on side b (repeatable)")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--order", choices=("ab", "ba"), default="ab", help="which side is compiled first")
+    parser.add_argument("--preset", default="r18vd")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--size", type=int, default=640)
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "ab_training_step.json"))
+    args = parser.parse_args()
+    try:
+        settings = [parse_setting(text) for text in args.settings]
+    except ValueError as err:
+        parser.error(str(err))
+
+    import jax
+
+    from rtdetr_jax.config import RTDetrV2Config
+    from rtdetr_jax.model import RTDetrV2ForObjectDetection
+
+    config = RTDetrV2Config.from_preset(args.preset)
+    model = RTDetrV2ForObjectDetection(config)
+    pixels, labels = synthetic_detection_batch(args.batch, args.size, config.num_labels)
+    original = [getattr(module, name) for module, name, _ in settings]
+    sides, first_step = {}, {}
+    for side in args.order:
+        for (module, name, value), old in zip(settings, original):
+            setattr(module, name, value if side == "b" else old)
+        try:
+            steps, state, batch = our_train_step(model, pixels, labels)
+            start = time.perf_counter()
+            state, _ = steps.train_step(state, *batch)  # traced and compiled here, under this side's values
+            jax.block_until_ready(state)
+            first_step[side] = time.perf_counter() - start
+        finally:
+            for (module, name, _), old in zip(settings, original):
+                setattr(module, name, old)
+        sides[side] = [steps, state, batch]
+        print(f"side {side}: first step (compile) {first_step[side]:.1f} s", flush=True)
+
+    def step(side):
+        steps, state, batch = sides[side]
+        sides[side][1], _ = steps.train_step(state, *batch)
+        jax.block_until_ready(sides[side][1])
+
+    step("a"), step("b")  # one steady step each before timing
+    times_a, times_b, paired = paired_times(lambda: step("a"), lambda: step("b"), args.rounds)
+    print("b: " + ", ".join(args.settings))
+    for side, times in (("a", times_a), ("b", times_b)):
+        print(f"{side}: median {statistics.median(times):.3f} s  [" + ", ".join(f"{t:.3f}" for t in times) + "]")
+    print(f"paired b/a: {paired:.3f} ({args.rounds} rounds, {args.order[0]} compiled first)")
+    write_result(args.out, {"settings": args.settings, "order": args.order, "preset": args.preset,
+                            "batch": args.batch, "size": args.size, "first_step_s": first_step,
+                            "a_s": times_a, "b_s": times_b, "paired_b_over_a": paired, "machine": machine_info()})
+
+
+if __name__ == "__main__":
+    start_like_the_cli()
+    main()
