@@ -24,12 +24,12 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "cpu_tasks.h"
+#include "cpu_vectors.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -37,24 +37,17 @@ namespace ffi = xla::ffi;
 namespace {
 
 using rtdetr_jax::Failed;
+using rtdetr_jax::kWidth;
 using rtdetr_jax::Launch;
+using rtdetr_jax::load;
 using rtdetr_jax::ShapeText;
+using rtdetr_jax::store;
+using rtdetr_jax::V16;
 
 constexpr int64_t kChunkFloats = 1 << 16;  // floats per chunk at most: 256 KiB, in the L2 cache for a second pass
 constexpr int64_t kChunkRows = 256;        // rows per chunk at most: short float32 sums, the rest added in double
 constexpr double kTaskFloats = 2e6;        // floats read per task (~1 ms on a core)
 constexpr int64_t kMaxTasks = 64;
-constexpr int kWidth = 16;  // floats per vector below, whatever the CPU's (GCC splits it into its registers)
-typedef float V16 __attribute__((vector_size(kWidth * sizeof(float))));
-
-inline V16 load(const float* p) {
-  V16 v;
-  std::memcpy(&v, p, sizeof(V16));
-  return v;
-}
-
-inline void store(float* p, V16 v) { std::memcpy(p, &v, sizeof(V16)); }
-
 // How the rows are cut: chunks of `chunk_rows` rows (the last one shorter), grouped into `tasks` runs of
 // consecutive chunks. The chunks depend on the shape only; the tasks just divide the work.
 struct Plan {

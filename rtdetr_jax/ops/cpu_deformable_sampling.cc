@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "cpu_tasks.h"
+#include "cpu_vectors.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -42,22 +43,15 @@ namespace ffi = xla::ffi;
 namespace {
 
 using rtdetr_jax::Failed;
+using rtdetr_jax::kWidth;
 using rtdetr_jax::Launch;
+using rtdetr_jax::load;
 using rtdetr_jax::ShapeText;
+using rtdetr_jax::store;
+using rtdetr_jax::V16;
 
 constexpr double kTaskFloats = 2e6;  // multiply-adds per forward task: ~1 ms of gathers on a core
 constexpr int64_t kMaxTasks = 64;
-constexpr int kWidth = 16;  // floats per vector below, whatever the CPU's (GCC splits it into its registers)
-typedef float V16 __attribute__((vector_size(kWidth * sizeof(float))));
-
-inline V16 load(const float* p) {
-  V16 v;
-  std::memcpy(&v, p, sizeof(V16));
-  return v;
-}
-
-inline void store(float* p, V16 v) { std::memcpy(p, &v, sizeof(V16)); }
-
 // o[:n] += w * v[:n]
 inline void add_scaled(float* o, float w, const float* v, int64_t n) {
   int64_t c = 0;

@@ -1,9 +1,9 @@
-// Shared by rtdetr_jax's C++ CPU kernels: `Failed` and `ShapeText` for their one-line errors (all three), and
-// `Launch` (cpu_channel_moments.cc, cpu_deformable_sampling.cc; the kernel gradient schedules its own parts), an
-// asynchronous XLA FFI call as independent tasks on XLA's intra-op pool. `Launch` schedules tasks [0, tasks), each
-// running `work(task)` on its own part of the outputs, and returns a future; the task that ends last runs
-// `finish()` (if given) and completes the future, so no thread waits for another. A single task runs on the
-// calling thread; with no tasks, `finish` runs and the future completes before `Launch` returns.
+// Shared by rtdetr_jax's C++ CPU kernels: `Failed` and `ShapeText` for their one-line errors (all of them), and
+// `Launch` (cpu_channel_moments.cc, cpu_deformable_sampling.cc, cpu_winograd_transforms.cc; the kernel gradient
+// schedules its own parts), an asynchronous XLA FFI call as independent tasks on XLA's intra-op pool. `Launch`
+// schedules tasks [0, tasks), each running `work(task)` on its own part of the outputs, and returns a future; the
+// task that ends last runs `finish()` (if given) and completes the future, so no thread waits for another. A single
+// task runs on the calling thread; with no tasks, `finish` runs and the future completes before `Launch` returns.
 //
 // rtdetr_jax/ops/native.py compiles each source with this folder on the include path and hashes this header
 // into the cache key of every kernel, so a change here rebuilds them all.

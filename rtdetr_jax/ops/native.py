@@ -1,27 +1,29 @@
 """rtdetr-jax's C++ CPU kernels: built once per machine with the host's C++ compiler, cached, and registered with
 XLA as FFI custom calls.
 
-Three so far: `cpu_kernel_gradient.cc` (a convolution's kernel gradient, used by ops/kernel_gradient.py),
-`cpu_channel_moments.cc` (training batch norm's per-channel sums, forward and backward, used by ops/batch_norm.py)
-and `cpu_deformable_sampling.cc` (the deformable attention's weighted gather and its gradient, used by
-ops/deformable_sampling.py). Each source is compiled at `-O3 -march=native` into
+Four so far: `cpu_kernel_gradient.cc` (a convolution's kernel gradient, used by ops/kernel_gradient.py),
+`cpu_channel_moments.cc` (training batch norm's per-channel sums, forward and backward, used by ops/batch_norm.py),
+`cpu_deformable_sampling.cc` (the deformable attention's weighted gather and its gradient, used by
+ops/deformable_sampling.py) and `cpu_winograd_transforms.cc` (Winograd's input and output transforms, used by
+ops/winograd.py). Each source is compiled at `-O3 -march=native` into
 
     $RTDETR_JAX_CACHE   (else $XDG_CACHE_HOME/rtdetr_jax, else ~/.cache/rtdetr_jax)  /native/NAME-KEY.so
 
-where KEY hashes the source, the shared headers beside it (`cpu_tasks.h`), the compiler's version, the flags,
-jaxlib's version (whose headers it includes) and the CPU's model and feature flags, so a shared home folder never
-hands one machine's instructions to another. The build takes ~5 seconds, the first time the kernel is traced (the
-kernel gradient and the moments: a training step; the sampling: the first CPU forward in float32); the library is
-written under a temporary name and renamed, so a failed or interrupted build leaves nothing behind. With
-`RTDETR_JAX_CACHE=off` it is built into a temporary folder for this process.
+where KEY hashes the source, the shared headers beside it (`cpu_tasks.h`, `cpu_vectors.h`), the compiler's
+version, the flags, jaxlib's version (whose headers it includes) and the CPU's model and feature flags, so a shared
+home folder never hands one machine's instructions to another. The build takes ~5 seconds, the first time the
+kernel is traced (the kernel gradient and the moments: a training step; the sampling and Winograd's transforms: the
+first CPU forward in float32); the library is written under a temporary name and renamed, so a failed or
+interrupted build leaves nothing behind. With `RTDETR_JAX_CACHE=off` it is built into a temporary folder for this
+process.
 
 `RTDETR_JAX_NATIVE` chooses: `on` (the default) uses the kernels where they apply; without a C++ compiler they are
-not expected (`expected`) and `conv2d` keeps its previous forms, batch norm its matrix-vector sums and the
-deformable attention XLA's gathers, silently; when a build fails (no jaxlib headers, a compile error, an unwritable
-cache) it warns once, the gradients being traced fall back to XLA's own computation and later traces to the
-previous forms (batch norm: the matrix-vector sums at once; the sampling: XLA's gathers). `off` never uses them;
-`require` raises instead of falling back (CI sets it, so that a broken build fails the tests instead of passing
-them on the fallback).
+not expected (`expected`) and `conv2d` keeps its previous forms, batch norm its matrix-vector sums, the deformable
+attention XLA's gathers and Winograd's transforms XLA's forms, silently; when a build fails (no jaxlib headers, a
+compile error, an unwritable cache) it warns once, the gradients being traced fall back to XLA's
+own computation and later traces to the previous forms (batch norm: the matrix-vector sums at once; the sampling
+and the transforms: XLA's forms). `off` never uses them; `require` raises instead of falling back (CI sets it, so
+that a broken build fails the tests instead of passing them on the fallback).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ KERNELS = {  # name -> (source file, its FFI handler symbols; each registered as
     "deformable_sampling": ("cpu_deformable_sampling.cc",
                             ("RtdetrDeformableSamplingF32", "RtdetrDeformableSamplingGradF32")),
     "channel_moments": ("cpu_channel_moments.cc", ("RtdetrChannelMomentsF32", "RtdetrChannelGradMomentsF32")),
+    "winograd_transforms": ("cpu_winograd_transforms.cc",
+                            ("RtdetrWinogradInputTransformF32", "RtdetrWinogradOutputTransformF32")),
 }
 
 _lock = threading.Lock()

@@ -12,7 +12,8 @@ development machine), so only fewer FLOPs make it faster. Measured there (benchm
 convolution's forward 1.25-1.75x faster at 64-512 channels and batch 1-8; the r18vd forward at 640x640 0.43 s ->
 0.36 s at batch 1. It loses at 32 channels (the deep stem), where the transforms' memory traffic outweighs the
 saved FLOPs; `conv2d` (ops/conv.py) decides where it is used. The price is compile time: the r18vd forward
-compiles in ~16 s instead of ~3.3 s all direct (16 planes per convolution, and the ordering in `_after`).
+compiled in ~16 s instead of ~3.3 s all direct (16 planes per convolution, and the ordering in `_after`); with the
+C++ transforms below, the batch-1 forward's first call takes 6.4 s against 9.4 s with XLA's (twenty-fifth session).
 
 The gradients come from a `custom_vjp` that saves only the input and the kernel (a convolution's gradient does not
 depend on how its forward was computed); each is picked on its own (`conv2d` decides): the input gradient is XLA's
@@ -27,9 +28,18 @@ transformed inputs.
 
 The 16 planes are kept as separate arrays, not stacked into one (16, tiles, channels) batch: stacked, XLA:CPU
 built the transformed input as one concatenation that ran several times slower than the 16 fused slices-and-adds
-(e.g. (1, 160, 160, 64): 31 ms stacked, 8 ms as planes). Rounding: float32 outputs land ~2x further from the
-float64 result than the direct convolution's (2.4e-6 vs 1.4e-6 at outputs up to ~4; tests/test_winograd.py), and
-the whole r18vd forward's float32 error stays at the direct convolution's and PyTorch's (~5e-4 on the logits).
+(e.g. (1, 160, 160, 64): 31 ms stacked, 8 ms as planes).
+
+On the CPU in float32 both data transforms (the input's planes: forward, and of dy and x in the backward; the
+output's assembly) run in C++ instead (ops/cpu_winograd_transforms.cc, `transform_targets`): each tile's patch is
+read once and its 16 planes written once, where XLA wrote a padded copy and re-read it (the input transform alone
+at (4, 80, 80, 128): 4.2 -> 2.4 ms). Their results equal the XLA forms' bit for bit (the same additions in the same
+order). Measured in-process against XLA's forms (benchmarks/README.md, both orders): the r18vd batch-4 train step
+2.3-2.7% faster (the output transform's share 0.4-2.0%), the batch-8 forward 0.5-1.4%, batch 1 0.4%.
+
+Rounding: float32 outputs land ~2x further from the float64 result than the direct convolution's (2.4e-6 vs 1.4e-6
+at outputs up to ~4; tests/test_winograd.py), and the whole r18vd forward's float32 error stays at the direct
+convolution's and PyTorch's (~5e-4 on the logits).
 """
 
 from __future__ import annotations
@@ -39,11 +49,26 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from rtdetr_jax.ops import native
 from rtdetr_jax.ops.kernel_gradient import native_kernel_gradient, stacked_kernel_gradient
 from rtdetr_jax.ops.xla_conv import xla_input_gradient, xla_kernel_gradient
 
 INPUT_GRADIENTS = ("xla", "winograd")
 KERNEL_GRADIENTS = ("xla", "stacked", "winograd", "native")
+# Which data transforms run in C++ (ops/cpu_winograd_transforms.cc) where `transform_targets` allows it
+NATIVE_INPUT_TRANSFORM = True
+NATIVE_OUTPUT_TRANSFORM = True
+
+
+def transform_targets(dtype) -> tuple[str, str] | None:
+    """The C++ transforms' two custom-call targets (input, output; ops/cpu_winograd_transforms.cc) where the data
+    transforms are to run there: on the CPU with a single device (XLA would gather a sharded batch to run an opaque
+    custom call), for float32 maps, where native kernels are on and build (ops/native.py, `RTDETR_JAX_NATIVE`).
+    None elsewhere: XLA's forms below, which the kernels equal bit for bit."""
+    if not (jax.default_backend() == "cpu" and jax.device_count() == 1 and jnp.dtype(dtype) == jnp.float32
+            and native.expected("winograd_transforms")):
+        return None
+    return native.targets("winograd_transforms")
 
 
 def _input_transform(d0, d1, d2, d3):
@@ -175,6 +200,11 @@ def _input_planes(x):
     zero padding 1, odd sizes padded to whole tiles), with th, tw the tiles per column and row."""
     n, h, w, c = x.shape
     th, tw = -(-h // 2), -(-w // 2)  # tiles of 2x2 outputs
+    targets = transform_targets(x.dtype) if NATIVE_INPUT_TRANSFORM and x.size else None
+    if targets is not None:
+        plane = jax.ShapeDtypeStruct((n, th, tw, c), x.dtype)
+        flat = jax.ffi.ffi_call(targets[0], (plane,) * 16, vmap_method="sequential")(x)
+        return [list(flat[4 * a:4 * a + 4]) for a in range(4)], th, tw
     xp = jnp.pad(x, ((0, 0), (1, 1 + h % 2), (1, 1 + w % 2), (0, 0)))  # (batch, 2*th + 2, 2*tw + 2, c)
     # tile (t, s) reads padded rows 2t..2t+3 and columns 2s..2s+3
     rows = _input_transform(*[xp[:, i:i + 2 * th:2] for i in range(4)])  # 4 x (batch, th, 2*tw + 2, c)
@@ -202,6 +232,10 @@ def _plane_products(planes, u, rotated: bool = False):
 def _assemble_output(m, h, w):
     """4x4 nested list of (batch, th, tw, out) products -> (batch, h, w, out): A^T m A per tile, tiles interleaved."""
     n, th, tw, out = m[0][0].shape
+    targets = transform_targets(m[0][0].dtype) if NATIVE_OUTPUT_TRANSFORM and n * th * tw * out else None
+    if targets is not None:
+        y = jax.ShapeDtypeStruct((n, h, w, out), m[0][0].dtype)
+        return jax.ffi.ffi_call(targets[1], y, vmap_method="sequential")(*[p for row in m for p in row])
     cols = [_output_transform(*[m[a][b] for a in range(4)]) for b in range(4)]  # cols[b][p]
     y = [_output_transform(*[cols[b][p] for b in range(4)]) for p in range(2)]  # y[p][q]: (batch, th, tw, out)
     y = jnp.stack([jnp.stack(y[p], 3) for p in range(2)], 2)  # (batch, th, 2, tw, 2, out)
