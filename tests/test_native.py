@@ -5,7 +5,9 @@ warning and XLA's computation instead."""
 from __future__ import annotations
 
 import os
+import re
 import stat
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +82,32 @@ def test_a_missing_compiler_is_named(cache, monkeypatch):
     monkeypatch.setenv("PATH", "")
     with pytest.raises(native.NativeBuildError, match=r"^cpu_kernel_gradient.cc: no C\+\+ compiler found"):
         native.build("kernel_gradient")
+
+
+@pytest.mark.parametrize("cxx, cause", [(None, r"no C\+\+ compiler found \(c\+\+, g\+\+ or clang\+\+ on the PATH, or \$CXX\)"),
+                                        ("/nonexistent/c++", r"CXX='/nonexistent/c\+\+' is not an executable")])
+def test_without_a_compiler_one_warning_says_what_it_costs(cache, monkeypatch, cxx, cause):
+    """Under `on`, where a kernel would apply: one warning a process (not one per kernel or per trace), naming the
+    cause and the way out; none under `off`."""
+    monkeypatch.setattr(native, "_warned_no_compiler", False)
+    monkeypatch.setenv("PATH", "")
+    if cxx is None:
+        monkeypatch.delenv("CXX", raising=False)
+    else:
+        monkeypatch.setenv("CXX", cxx)
+    monkeypatch.setenv("RTDETR_JAX_NATIVE", "off")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not native.expected("kernel_gradient")
+    monkeypatch.setenv("RTDETR_JAX_NATIVE", "on")
+    with pytest.warns(RuntimeWarning) as record:
+        assert not native.expected("kernel_gradient")
+    assert len(record) == 1
+    assert re.fullmatch(rf"rtdetr-jax's C\+\+ CPU kernels: {cause}; XLA's slower forms run instead \(install g\+\+, "
+                        r"or set RTDETR_JAX_NATIVE=off to hide this\)", str(record[0].message)), str(record[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not native.expected("channel_moments") and not native.expected("kernel_gradient")
 
 
 def test_an_unwritable_cache_is_named(tmp_path, monkeypatch):
@@ -200,12 +228,6 @@ def test_require_raises_and_off_never_builds(cache, tmp_path, monkeypatch):
 
     monkeypatch.setattr(native, "build", no_build)
     assert native.target("kernel_gradient") is None and not native.expected("kernel_gradient")
-
-
-def test_without_a_compiler_the_kernel_is_not_expected(cache, monkeypatch):
-    monkeypatch.setenv("RTDETR_JAX_NATIVE", "on")
-    monkeypatch.setenv("CXX", "/nonexistent/c++")
-    assert not native.expected("kernel_gradient")
 
 
 def test_training_gradients_equal_those_without_the_native_kernels(monkeypatch):

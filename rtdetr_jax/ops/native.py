@@ -19,8 +19,9 @@ process.
 
 `RTDETR_JAX_NATIVE` chooses: `on` (the default) uses the kernels where they apply; without a C++ compiler they are
 not expected (`expected`) and `conv2d` keeps its previous forms, batch norm its matrix-vector sums, the deformable
-attention XLA's gathers and Winograd's transforms XLA's forms, silently; when a build fails (no jaxlib headers, a
-compile error, an unwritable cache) it warns once, the gradients being traced fall back to XLA's
+attention XLA's gathers and Winograd's transforms XLA's forms, after one warning the first time a kernel would
+have applied (the r18vd batch-4 training step ran 10-13% longer so, benchmarks/README.md); when a build fails (no
+jaxlib headers, a compile error, an unwritable cache) it warns once, the gradients being traced fall back to XLA's
 own computation and later traces to the previous forms (batch norm: the matrix-vector sums at once; the sampling
 and the transforms: XLA's forms). `off` never uses them; `require` raises instead of falling back (CI sets it, so
 that a broken build fails the tests instead of passing them on the fallback).
@@ -56,6 +57,7 @@ _registered: dict[str, tuple[str, ...]] = {}  # name -> targets registered with 
                                               # a second handler under a registered name)
 _temp_dirs: list[str] = []
 _libraries: list = []
+_warned_no_compiler = False
 
 
 class NativeBuildError(RuntimeError):
@@ -176,7 +178,25 @@ def expected(name: str) -> bool:
         return True
     if name in _targets:
         return _targets[name] is not None
-    return compiler() is not None
+    if compiler() is not None:
+        return True
+    _warn_no_compiler()
+    return False
+
+
+def _warn_no_compiler() -> None:
+    """Once a process: the kernels will not be built here, and what that costs."""
+    global _warned_no_compiler
+    with _lock:
+        if _warned_no_compiler:
+            return
+        _warned_no_compiler = True
+    if os.environ.get("CXX"):
+        cause = f"CXX={os.environ['CXX']!r} is not an executable"
+    else:
+        cause = "no C++ compiler found (c++, g++ or clang++ on the PATH, or $CXX)"
+    warnings.warn(f"rtdetr-jax's C++ CPU kernels: {cause}; XLA's slower forms run instead (install g++, or set "
+                  f"{NATIVE_ENV}=off to hide this)", RuntimeWarning, stacklevel=4)
 
 
 def target(name: str) -> str | None:
