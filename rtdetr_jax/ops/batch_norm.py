@@ -42,10 +42,7 @@ def moments_targets(dtype) -> tuple[str, str] | None:
     statistics are to be summed there: on the CPU with a single device (under a mesh the sums must run over the
     global batch, which XLA's all-reduce does for its own sums, not for an opaque custom call), for float32 maps,
     where native kernels are on and build (ops/native.py, `RTDETR_JAX_NATIVE`). None elsewhere."""
-    if not (jax.default_backend() == "cpu" and jax.device_count() == 1 and jnp.dtype(dtype) == jnp.float32
-            and native.expected("channel_moments")):
-        return None
-    return native.targets("channel_moments")
+    return native.targets("channel_moments") if native.applies("channel_moments", dtype) else None
 
 
 def _native_call(target: str, channels: int, *operands):

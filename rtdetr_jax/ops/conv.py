@@ -125,8 +125,7 @@ def uses_native_kernel_gradient(dtype) -> bool:
     run an opaque custom call), in float32, and where native kernels are on and can be built (ops/native.py,
     `RTDETR_JAX_NATIVE`); the build itself waits until a gradient is traced. Then it is used for every kernel
     gradient but Winograd's (from `WINOGRAD_KERNEL_GRADIENT_MIN_CHANNELS`), at any stride and batch."""
-    return (_ALGORITHM.get() == "auto" and jax.default_backend() == "cpu" and jax.device_count() == 1
-            and jnp.dtype(dtype) == jnp.float32 and native.expected("kernel_gradient"))
+    return _ALGORITHM.get() == "auto" and native.applies("kernel_gradient", dtype)
 
 
 def uses_pointwise_gradients(kernel_shape, stride: int, padding: int) -> bool:

@@ -35,8 +35,7 @@ def sampling_targets(value_dtype, weight_dtype=jnp.float32) -> tuple[str, str] |
     weights (float64 weights under x64 keep XLA's gather and their precision), where native kernels are on and
     build (ops/native.py, `RTDETR_JAX_NATIVE`; built here on first use). None elsewhere, and where the build failed
     under `RTDETR_JAX_NATIVE=on` (after its one warning)."""
-    if not (jax.default_backend() == "cpu" and jax.device_count() == 1 and jnp.dtype(value_dtype) == jnp.float32
-            and jnp.dtype(weight_dtype) == jnp.float32 and native.expected("deformable_sampling")):
+    if not native.applies("deformable_sampling", value_dtype, weight_dtype):
         return None
     return native.targets("deformable_sampling")
 

@@ -168,6 +168,18 @@ def build(name: str, cxx: str | None = None) -> str:
     return target
 
 
+def applies(name: str, *dtypes) -> bool:
+    """Whether kernel `name` is to run for operands of `dtypes`: on the CPU with a single device (under a mesh XLA
+    would gather a sharded batch to run an opaque custom call, and a sum would not run over the global batch), every
+    dtype float32, and the kernel `expected` (checked last: it warns once where no compiler is there). Each caller
+    (ops/conv.py, batch_norm.py, deformable_sampling.py, winograd.py) says why its kernel is worth it."""
+    import jax
+    import jax.numpy as jnp
+
+    return (jax.default_backend() == "cpu" and jax.device_count() == 1
+            and all(jnp.dtype(dtype) == jnp.float32 for dtype in dtypes) and expected(name))
+
+
 def expected(name: str) -> bool:
     """Whether kernel `name` is to be used, without building it: native kernels are not off, and it is registered
     or, not tried yet, a C++ compiler is there (under `require`, always: `target` then raises if it fails)."""

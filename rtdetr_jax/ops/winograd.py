@@ -65,10 +65,7 @@ def transform_targets(dtype) -> tuple[str, str] | None:
     transforms are to run there: on the CPU with a single device (XLA would gather a sharded batch to run an opaque
     custom call), for float32 maps, where native kernels are on and build (ops/native.py, `RTDETR_JAX_NATIVE`).
     None elsewhere: XLA's forms below, which the kernels equal bit for bit."""
-    if not (jax.default_backend() == "cpu" and jax.device_count() == 1 and jnp.dtype(dtype) == jnp.float32
-            and native.expected("winograd_transforms")):
-        return None
-    return native.targets("winograd_transforms")
+    return native.targets("winograd_transforms") if native.applies("winograd_transforms", dtype) else None
 
 
 def _input_transform(d0, d1, d2, d3):
