@@ -41,6 +41,8 @@ using rtdetr_jax::kWidth;
 using rtdetr_jax::Launch;
 using rtdetr_jax::load;
 using rtdetr_jax::ShapeText;
+using rtdetr_jax::Split;
+using rtdetr_jax::SplitWork;
 using rtdetr_jax::store;
 using rtdetr_jax::V16;
 
@@ -59,10 +61,9 @@ Plan make_plan(int64_t rows, int64_t channels) {
   if (rows <= 0 || channels <= 0) return p;
   p.chunk_rows = std::max<int64_t>(1, std::min<int64_t>({rows, kChunkRows, kChunkFloats / channels}));
   p.chunks = (rows + p.chunk_rows - 1) / p.chunk_rows;
-  const double work = static_cast<double>(rows) * channels;
-  p.tasks = std::min<int64_t>({kMaxTasks, p.chunks, std::max<int64_t>(1, static_cast<int64_t>(work / kTaskFloats))});
-  p.chunks_per_task = (p.chunks + p.tasks - 1) / p.tasks;
-  p.tasks = (p.chunks + p.chunks_per_task - 1) / p.chunks_per_task;
+  const Split split = SplitWork(p.chunks, static_cast<double>(rows) * channels, kTaskFloats, kMaxTasks);
+  p.tasks = split.tasks;
+  p.chunks_per_task = split.per_task;
   return p;
 }
 

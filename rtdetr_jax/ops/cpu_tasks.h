@@ -1,4 +1,5 @@
-// Shared by rtdetr_jax's C++ CPU kernels: `Failed` and `ShapeText` for their one-line errors (all of them), and
+// Shared by rtdetr_jax's C++ CPU kernels: `Failed` and `ShapeText` for their one-line errors (all of them),
+// `SplitWork` (cpu_channel_moments.cc, cpu_winograd_transforms.cc), and
 // `Launch` (cpu_channel_moments.cc, cpu_deformable_sampling.cc, cpu_winograd_transforms.cc; the kernel gradient
 // schedules its own parts), an asynchronous XLA FFI call as independent tasks on XLA's intra-op pool. `Launch`
 // schedules tasks [0, tasks), each running `work(task)` on its own part of the outputs, and returns a future; the
@@ -11,6 +12,7 @@
 #ifndef RTDETR_JAX_OPS_CPU_TASKS_H_
 #define RTDETR_JAX_OPS_CPU_TASKS_H_
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <functional>
@@ -48,6 +50,20 @@ std::string ShapeText(const B& buffer) {
   const auto d = buffer.dimensions();
   for (size_t i = 0; i < d.size(); i++) text += (i ? ", " : "") + std::to_string(d[i]);
   return text + (d.size() == 1 ? ",)" : ")");
+}
+
+// How `units` pieces of work (`work` in all, in any unit) are cut into tasks of ~`task_work` each: `tasks` runs of
+// `per_task` consecutive units (the last one shorter), at least one and at most `max_tasks` (none without units).
+struct Split {
+  int64_t tasks, per_task;
+};
+
+inline Split SplitWork(int64_t units, double work, double task_work, int64_t max_tasks) {
+  if (units <= 0) return Split{0, 0};
+  const int64_t wanted = std::max<int64_t>(1, static_cast<int64_t>(work / task_work));
+  const int64_t tasks = std::min<int64_t>({max_tasks, units, wanted});
+  const int64_t per_task = (units + tasks - 1) / tasks;
+  return Split{(units + per_task - 1) / per_task, per_task};
 }
 
 // A future that fails at once with `message` (an invalid argument: shapes that do not fit).

@@ -45,6 +45,8 @@ using rtdetr_jax::kWidth;
 using rtdetr_jax::Launch;
 using rtdetr_jax::load;
 using rtdetr_jax::ShapeText;
+using rtdetr_jax::Split;
+using rtdetr_jax::SplitWork;
 using rtdetr_jax::store;
 using rtdetr_jax::V16;
 
@@ -99,19 +101,11 @@ struct Dims {
   int64_t batch, h, w, c, th, tw;
 };
 
-// Tasks over the batch * th tile rows: `tasks` runs of `rows_per_task` consecutive tile rows.
-struct Plan {
-  int64_t tile_rows, tasks, rows_per_task;
-};
-
-Plan make_plan(const Dims& d) {
-  Plan p{d.batch * d.th, 0, 0};
-  if (p.tile_rows == 0 || d.tw == 0 || d.c == 0) return p;
-  const double work = static_cast<double>(p.tile_rows) * d.tw * d.c * kPlanes;
-  p.tasks = std::min<int64_t>({kMaxTasks, p.tile_rows, std::max<int64_t>(1, static_cast<int64_t>(work / kTaskFloats))});
-  p.rows_per_task = (p.tile_rows + p.tasks - 1) / p.tasks;
-  p.tasks = (p.tile_rows + p.rows_per_task - 1) / p.rows_per_task;
-  return p;
+// Tasks over the batch * th tile rows (`tasks` runs of `per_task` consecutive tile rows); none for an empty map.
+Split tile_row_tasks(const Dims& d) {
+  if (d.tw == 0 || d.c == 0) return Split{0, 0};
+  const int64_t tile_rows = d.batch * d.th;
+  return SplitWork(tile_rows, static_cast<double>(tile_rows) * d.tw * d.c * kPlanes, kTaskFloats, kMaxTasks);
 }
 
 // The input transform of tile rows [r0, r1): `zeros` is a row of c zeros, read where the patch lies outside the map.
@@ -226,14 +220,14 @@ ffi::Future InputTransform(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::R
                     (plane.has_value() ? ", got " + ShapeText(**plane) : std::string()));
     planes[a] = (*plane)->typed_data();
   }
-  const Plan p = make_plan(d);
+  const Split split = tile_row_tasks(d);
   auto zeros = std::make_shared<std::vector<float>>(d.c, 0.0f);
   const float* xs = x.typed_data();
-  auto work = [d, p, xs, planes, zeros](int64_t task) {
-    const int64_t r0 = task * p.rows_per_task;
-    input_rows(d, xs, planes.data(), zeros->data(), r0, std::min(p.tile_rows, r0 + p.rows_per_task));
+  auto work = [d, split, xs, planes, zeros](int64_t task) {
+    const int64_t r0 = task * split.per_task;
+    input_rows(d, xs, planes.data(), zeros->data(), r0, std::min(d.batch * d.th, r0 + split.per_task));
   };
-  return Launch(pool, work, p.tasks);
+  return Launch(pool, work, split.tasks);
 }
 
 ffi::Future OutputTransform(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Result<ffi::Buffer<ffi::F32>> y) {
@@ -251,13 +245,13 @@ ffi::Future OutputTransform(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::
                     (plane.has_value() ? ", got " + ShapeText(*plane) : std::string()));
     m[a] = plane->typed_data();
   }
-  const Plan p = make_plan(d);
+  const Split split = tile_row_tasks(d);
   float* ys = y->typed_data();
-  auto work = [d, p, m, ys](int64_t task) {
-    const int64_t r0 = task * p.rows_per_task;
-    output_rows(d, m.data(), ys, r0, std::min(p.tile_rows, r0 + p.rows_per_task));
+  auto work = [d, split, m, ys](int64_t task) {
+    const int64_t r0 = task * split.per_task;
+    output_rows(d, m.data(), ys, r0, std::min(d.batch * d.th, r0 + split.per_task));
   };
-  return Launch(pool, work, p.tasks);
+  return Launch(pool, work, split.tasks);
 }
 
 }  // namespace
