@@ -53,7 +53,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
-from common import machine_info, paired_query_differences, paired_times, scratch_dir, write_result  # noqa: E402
+from common import (build_checkpoint, machine_info, paired_query_differences, paired_times, scratch_dir,  # noqa: E402
+                    write_result)
 
 DTYPES = ("float32", "tf32", "bfloat16")
 DEVICES = {"gpu": "cuda", "cpu": "cpu"}  # jax platform -> torch device type
@@ -61,18 +62,6 @@ DEVICES = {"gpu": "cuda", "cpu": "cpu"}  # jax platform -> torch device type
 
 class BudgetSpent(Exception):
     pass
-
-
-def build_checkpoint(folder: str, preset: str, seed: int = 0):
-    """A transformers checkpoint of `preset` in `folder`, made as the parity tests' `build_reference` makes theirs
-    (seeded, perturbed, batch norms calibrated); returns the torch model (CPU, eval mode)."""
-    from conftest import build_reference
-    from transformers import RTDetrV2Config as TorchConfig
-
-    from rtdetr_jax import RTDetrV2Config
-
-    RTDetrV2Config.from_preset(preset).save_pretrained(folder)
-    return build_reference(folder, TorchConfig.from_pretrained(folder), seed)
 
 
 def set_precision(dtype: str) -> None:

@@ -112,6 +112,22 @@ def torch_train_step(folder: str, pixels, labels):
     return reference, x, targets, step
 
 
+def build_checkpoint(folder: str, preset: str, seed: int = 0):
+    """A transformers checkpoint of `preset` in `folder`, made as the parity tests' `build_reference` makes theirs
+    (seeded, perturbed, batch norms calibrated, so that queries are not near-identical); returns the torch model
+    (CPU, eval mode)."""
+    tests = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from conftest import build_reference
+    from transformers import RTDetrV2Config as TorchConfig
+
+    from rtdetr_jax import RTDetrV2Config
+
+    RTDetrV2Config.from_preset(preset).save_pretrained(folder)
+    return build_reference(folder, TorchConfig.from_pretrained(folder), seed)
+
+
 def paired_query_differences(a, b):
     """a, b: (queries, features) of one image from two runs, whose query order may differ (the decoder's follows
     the encoder's top-k, which float noise may reorder among near-tied scores). Each query of `a` is paired with one
@@ -141,6 +157,37 @@ def median_time(fn, iters: int, warmup: bool = True) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def interleaved_times(fns: dict, iters: int) -> dict[str, list[float]]:
+    """Wall times of each of `fns` (name -> zero-argument call that blocks until done): one untimed call each first
+    (jax compiles there), then `iters` rounds calling each once, in the dict's order, so that a drift of a shared
+    machine's speed falls on every function alike. Returns name -> the `iters` times."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def stage_medians(times: dict[str, list[float]], cumulative: dict[str, str]) -> dict[str, float]:
+    """Each stage's median time from cumulative measurements: `cumulative` maps stage name -> the function (a key of
+    `times`, as `interleaved_times` returns) that runs every stage up to and including that one, in stage order.
+    A stage's time is the median over rounds of (its function's time - the previous function's time) in that round:
+    the difference of two calls made moments apart, so a slow phase of the machine spanning rounds cancels. It can
+    come out negative where a stage is shorter than the calls' noise."""
+    stages, previous = {}, None
+    for stage, name in cumulative.items():
+        if previous is None:
+            stages[stage] = statistics.median(times[name])
+        else:
+            stages[stage] = statistics.median(t - p for t, p in zip(times[name], times[previous], strict=True))
+        previous = name
+    return stages
 
 
 def paired_times(fn_a, fn_b, iters: int) -> tuple[list[float], list[float], float]:

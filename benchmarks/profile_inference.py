@@ -1,117 +1,135 @@
 """Where inference time goes, for both implementations: backbone, encoder (input projections + hybrid encoder),
 and the rest (decoder input projections, query selection, decoder, heads), plus post-processing.
 
-Each stage is timed cumulatively (backbone; backbone + encoder; whole forward) as separately jit-compiled
-functions for JAX and as the same sub-modules called eagerly for PyTorch; a stage's time is the difference.
+Each stage is timed cumulatively: the backbone, backbone + encoder, and the whole forward, as separately
+jit-compiled functions for JAX (the detector's own `method=` entry points, so the profile cannot drift from the
+model) and as the same sub-modules called eagerly for PyTorch. A stage's time is the median over rounds of its
+call's time less the call before it in the same round (`common.stage_medians`). Each side runs in a process of its
+own, its calls interleaved round by round (`common.interleaved_times`), post-processing among them
+(`post_process_object_detection`, threshold 0.5, on that side's forward output). The weights are seeded random
+ones made as the parity tests make theirs (`common.build_checkpoint`).
 
-    python benchmarks/profile_inference.py [--batch 1] [--size 640] [--iters 5]
+    python benchmarks/profile_inference.py [--preset r18vd] [--batch 1] [--size 640] [--iters 7]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
-from common import machine_info, scratch_dir, median_time, start_like_the_cli, write_result  # noqa: E402
+from common import (build_checkpoint, interleaved_times, machine_info, run_json_child, scratch_dir,  # noqa: E402
+                    stage_medians, start_like_the_cli, write_result)
+from rtdetr_jax.config import PRESETS  # noqa: E402
+
+STAGES = ("backbone", "encoder", "decoder and heads")
+CUMULATIVE = dict(zip(STAGES, ("backbone", "encoder", "forward")))  # stage -> the call that ends with it
 
 
-def jax_stages(model, pixels, iters: int) -> dict:
+def jax_calls(folder: str, pixels) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from rtdetr_jax import RTDetrImageProcessor, RTDetrV2ForObjectDetection
     from rtdetr_jax.modeling.detector import RTDetrV2Model
 
+    model = RTDetrV2ForObjectDetection.from_pretrained(folder)
     variables = {"params": model.variables["params"]["model"], "batch_stats": model.variables["batch_stats"]["model"]}
     detector = RTDetrV2Model(model.config, model.dtype)
-
-    def backbone(x):
-        return detector.apply(variables, x, method=RTDetrV2Model.backbone_features)
-
-    def encoder(x):
-        return detector.apply(variables, x, method=RTDetrV2Model.encode)
-
+    backbone = jax.jit(lambda x: detector.apply(variables, x, method=RTDetrV2Model.backbone_features))
+    encoder = jax.jit(lambda x: detector.apply(variables, x, method=RTDetrV2Model.encode))
     x = jnp.asarray(pixels)
-    run = lambda f: (lambda: jax.block_until_ready(f(x)))  # noqa: E731
-    t_backbone = median_time(run(jax.jit(backbone)), iters)
-    t_encoder = median_time(run(jax.jit(encoder)), iters)
-    t_full = median_time(lambda: jax.block_until_ready(model(pixel_values=pixels).logits), iters)
-    return {"backbone": t_backbone, "encoder": t_encoder - t_backbone, "decoder and heads": t_full - t_encoder,
-            "forward": t_full}
+    outputs = model(pixel_values=pixels)
+    processor, sizes = RTDetrImageProcessor(), [pixels.shape[2:]] * pixels.shape[0]
+    return {"backbone": lambda: jax.block_until_ready(backbone(x)),
+            "encoder": lambda: jax.block_until_ready(encoder(x)),
+            # as users call it: numpy pixels in, the model's jit forward
+            "forward": lambda: jax.block_until_ready(model(pixel_values=pixels).logits),
+            "post-processing": lambda: processor.post_process_object_detection(outputs, threshold=0.5,
+                                                                               target_sizes=sizes)}
 
 
-def torch_stages(reference, pixels, iters: int) -> dict:
-    import torch
-
-    x = torch.from_numpy(pixels)
-    m = reference.model
-
-    def backbone():
-        return m.backbone(x, torch.ones_like(x[:, 0], dtype=torch.long))
-
-    def encoder():
-        features = backbone()
-        proj = [m.encoder_input_proj[i](f) for i, (f, _) in enumerate(features)]
-        return m.encoder(proj)
-
-    with torch.no_grad():
-        t_backbone = median_time(backbone, iters)
-        t_encoder = median_time(encoder, iters)
-        t_full = median_time(lambda: reference(pixel_values=x), iters)
-    return {"backbone": t_backbone, "encoder": t_encoder - t_backbone, "decoder and heads": t_full - t_encoder,
-            "forward": t_full}
-
-
-def postprocess_times(model, reference, pixels, iters: int) -> dict:
+def torch_calls(folder: str, pixels) -> dict:
     import torch
     from transformers import RTDetrImageProcessor as TorchProcessor
+    from transformers import RTDetrV2ForObjectDetection as TorchModel
 
-    from rtdetr_jax import RTDetrImageProcessor
+    reference = TorchModel.from_pretrained(folder).eval()
+    m = reference.model
+    x = torch.from_numpy(pixels)
+    mask = torch.ones_like(x[:, 0], dtype=torch.long)
 
-    sizes = [(pixels.shape[2], pixels.shape[3])] * pixels.shape[0]
-    ours = model(pixel_values=pixels)
-    with torch.no_grad():
-        theirs = reference(pixel_values=torch.from_numpy(pixels))
-    jp, tp = RTDetrImageProcessor(), TorchProcessor()
-    return {
-        "jax": median_time(lambda: jp.post_process_object_detection(ours, threshold=0.5, target_sizes=sizes), iters),
-        "torch": median_time(lambda: tp.post_process_object_detection(theirs, threshold=0.5, target_sizes=sizes),
-                             iters),
-    }
+    def no_grad(fn):
+        def call():
+            with torch.no_grad():
+                return fn()
+        return call
+
+    def backbone():
+        return m.backbone(x, mask)
+
+    def encoder():
+        proj = [m.encoder_input_proj[i](f) for i, (f, _) in enumerate(backbone())]
+        return m.encoder(proj)
+
+    outputs = no_grad(lambda: reference(pixel_values=x))()
+    processor, sizes = TorchProcessor(), [pixels.shape[2:]] * pixels.shape[0]
+    return {"backbone": no_grad(backbone), "encoder": no_grad(encoder),
+            "forward": no_grad(lambda: reference(pixel_values=x)),
+            "post-processing": lambda: processor.post_process_object_detection(outputs, threshold=0.5,
+                                                                               target_sizes=sizes)}
+
+
+def side_times(side: str, folder: str, batch: int, size: int, iters: int) -> dict[str, list[float]]:
+    """One side's calls' times, round by round (run in a process of its own)."""
+    from images import synthetic_batch
+
+    pixels = synthetic_batch(batch, size, size, seed=1)
+    calls = (jax_calls if side == "jax" else torch_calls)(folder, pixels)
+    return interleaved_times(calls, iters)
+
+
+def stage_times(times: dict[str, list[float]]) -> dict[str, float]:
+    """One side's per-round call times -> each stage's median time, the whole forward's and post-processing's."""
+    return stage_medians(times, CUMULATIVE) | {"forward": statistics.median(times["forward"]),
+                                                "post-processing": statistics.median(times["post-processing"])}
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="r18vd", choices=sorted(PRESETS))
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--size", type=int, default=640)
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=7)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "profile_inference.json"))
+    ap.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    ap.add_argument("--folder", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-
-    from conftest import build_reference, r18vd_config
-    from images import synthetic_batch
-
-    from rtdetr_jax import RTDetrV2ForObjectDetection
+    if args.iters < 1:
+        ap.error(f"--iters {args.iters}: must be at least 1")
+    if args.side:
+        print(json.dumps(side_times(args.side, args.folder, args.batch, args.size, args.iters)))
+        return {}
 
     folder = scratch_dir("rtdetr-profile-")
-    reference = build_reference(folder, r18vd_config(), seed=0)
-    model = RTDetrV2ForObjectDetection.from_pretrained(folder)
-    pixels = synthetic_batch(args.batch, args.size, args.size, seed=1)
-
-    ours = jax_stages(model, pixels, args.iters)
-    theirs = torch_stages(reference, pixels, args.iters)
-    post = postprocess_times(model, reference, pixels, args.iters)
-    print(f"r18vd, {args.batch}x3x{args.size}x{args.size}, float32, median of {args.iters}")
-    print(f"{'stage':22}{'rtdetr-jax [s]':>16}{'transformers [s]':>18}{'ratio':>8}")
+    build_checkpoint(folder, args.preset)
+    shared = ["--batch", str(args.batch), "--size", str(args.size), "--iters", str(args.iters), "--folder", folder]
+    times = {side: run_json_child(__file__, ["--side", side, *shared]) for side in ("jax", "torch")}
+    ours, theirs = stage_times(times["jax"]), stage_times(times["torch"])
+    print(f"{args.preset}, {args.batch}x3x{args.size}x{args.size}, float32, medians of {args.iters}")
+    print("| stage | rtdetr-jax | transformers (PyTorch) | ratio (ours / theirs) |")
+    print("|---|---|---|---|")
     for k in ours:
-        print(f"{k:22}{ours[k]:>16.3f}{theirs[k]:>18.3f}{ours[k] / theirs[k]:>8.2f}")
-    print(f"{'post-processing':22}{post['jax']:>16.4f}{post['torch']:>18.4f}{post['jax'] / post['torch']:>8.2f}")
-    result = {"machine": machine_info(), "settings": vars(args) | {"out": None}, "jax_s": ours, "torch_s": theirs,
-              "postprocess_s": post}
+        digits = 4 if k == "post-processing" else 3
+        print(f"| {k} | {ours[k]:.{digits}f} s | {theirs[k]:.{digits}f} s | {ours[k] / theirs[k]:.2f} |")
+    result = {"machine": machine_info(), "settings": vars(args) | {"out": None, "folder": None},
+              "times_s": times, "jax_s": ours, "torch_s": theirs}
     write_result(args.out, result)
     return result
 

@@ -2,12 +2,13 @@
 encoder), the rest of forward + loss + backward (query selection, decoder, heads, denoising, matcher, loss), and
 the optimizer update, each forward and backward together.
 
-Each stage is timed cumulatively, as its own gradient computation, and a stage's time is the difference from the
-one before: the backbone alone (the gradient of a fixed random projection of its output maps), backbone +
-encoder (the same of the encoder's maps), the whole loss's value and gradient, and the whole training step
-(AdamW, EMA for ours; AdamW with gradient clipping for PyTorch, as bench_training.py). Ours are jit-compiled
-functions (encoder batch norms in training mode, as in the step), PyTorch's the same sub-modules in train mode,
-eager. Each side runs in a process of its own, the stages' calls interleaved round by round.
+Each stage is timed cumulatively, as its own gradient computation: the backbone alone (the gradient of a fixed
+random projection of its output maps), backbone + encoder (the same of the encoder's maps), the whole loss's value
+and gradient, and the whole training step (AdamW, EMA for ours; AdamW with gradient clipping for PyTorch, as
+bench_training.py). A stage's time is the median over rounds of its call's time less the call before it in the
+same round (`common.stage_medians`). Ours are jit-compiled functions (encoder batch norms in training mode, as in
+the step), PyTorch's the same sub-modules in train mode, eager. Each side runs in a process of its own, the
+stages' calls interleaved round by round (`common.interleaved_times`).
 
     python benchmarks/profile_training.py [--preset r18vd] [--batch 4] [--size 640] [--iters 5]
 """
@@ -19,43 +20,34 @@ import json
 import os
 import statistics
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from common import (  # noqa: E402
+    interleaved_times,
     machine_info,
     our_train_step,
     run_json_child,
     scratch_dir,
+    stage_medians,
     start_like_the_cli,
     synthetic_detection_batch,
     torch_train_step,
     write_result,
 )
+from rtdetr_jax.config import PRESETS  # noqa: E402
 
 STAGES = ("backbone", "encoder", "decoder, matcher and loss", "optimizer")
 
 
-def interleaved_medians(fns: dict, iters: int) -> dict:
-    """Median seconds of each of `fns` (name -> zero-argument call that blocks until done), one warm-up call each
-    first (compilation), then `iters` rounds calling each once."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(iters):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+CUMULATIVE = dict(zip(STAGES, ("backbone", "encoder", "loss", "step")))  # stage -> the call that ends with it
 
 
-def stage_times(cumulative: dict) -> dict:
-    """Cumulative medians (backbone, encoder, loss, step) -> each stage's own time, and the step's."""
-    b, e, l_, s = (cumulative[k] for k in ("backbone", "encoder", "loss", "step"))
-    return dict(zip(STAGES, (b, e - b, l_ - e, s - l_))) | {"training step": s}
+def stage_times(times: dict) -> dict:
+    """The cumulative calls' times per round (backbone, encoder, loss, step) -> each stage's own median time
+    (`common.stage_medians`) and the whole step's median."""
+    return stage_medians(times, CUMULATIVE) | {"training step": statistics.median(times["step"])}
 
 
 def jax_side(args) -> dict:
@@ -114,7 +106,7 @@ def jax_side(args) -> dict:
            "encoder": lambda: jax.block_until_ready(grad_encoder(params)),
            "loss": lambda: jax.block_until_ready(grad_loss(params, key)),
            "step": train_step}
-    return interleaved_medians(fns, args.iters)
+    return interleaved_times(fns, args.iters)
 
 
 def torch_side(args) -> dict:
@@ -152,12 +144,12 @@ def torch_side(args) -> dict:
         reference(pixel_values=x, labels=targets).loss.backward()
 
     fns = {"backbone": projected(backbone_maps), "encoder": projected(encoder_maps), "loss": loss, "step": step}
-    return interleaved_medians(fns, args.iters)
+    return interleaved_times(fns, args.iters)
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="r18vd")
+    ap.add_argument("--preset", default="r18vd", choices=sorted(PRESETS))
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--size", type=int, default=640)
     ap.add_argument("--iters", type=int, default=5)
@@ -176,16 +168,16 @@ def main(argv=None) -> dict:
     RTDetrV2ForObjectDetection(RTDetrV2Config.from_preset(args.preset)).save_pretrained(folder)
     shared = ["--preset", args.preset, "--batch", str(args.batch), "--size", str(args.size),
               "--iters", str(args.iters), "--folder", folder]
-    cumulative = {side: run_json_child(__file__, ["--side", side, *shared]) for side in ("jax", "torch")}
-    ours, theirs = stage_times(cumulative["jax"]), stage_times(cumulative["torch"])
+    times = {side: run_json_child(__file__, ["--side", side, *shared]) for side in ("jax", "torch")}
+    ours, theirs = stage_times(times["jax"]), stage_times(times["torch"])
     print(f"{args.preset}, batch {args.batch} at {args.size}x{args.size}, float32, forward + backward per stage, "
-          f"median of {args.iters}")
+          f"medians of {args.iters}")
     print("| stage | rtdetr-jax | transformers (PyTorch) | ratio (ours / theirs) |")
     print("|---|---|---|---|")
     for k in ours:
         print(f"| {k} | {ours[k]:.3f} s | {theirs[k]:.3f} s | {ours[k] / theirs[k]:.2f} |")
     result = {"machine": machine_info(), "settings": vars(args) | {"out": None, "folder": None},
-              "cumulative_s": cumulative, "jax_s": ours, "torch_s": theirs}
+              "times_s": times, "jax_s": ours, "torch_s": theirs}
     write_result(args.out, result)
     return result
 
