@@ -4,6 +4,7 @@ an in-process A/B of one lever.
     python benchmarks/ab_step.py --set rtdetr_jax.ops.conv.WINOGRAD_NARROW_MAX_PIXELS=25600 \\
         --set rtdetr_jax.ops.conv.WINOGRAD_GRADIENT_MIN_CHANNELS=128 [--env RTDETR_JAX_NATIVE=off] [--rounds 10]
         [--order ab] [--step train|forward] [--preset r18vd] [--batch 4] [--size 640]
+    python benchmarks/ab_step.py --step forward --b-output-fields logits,pred_boxes --batch 1
 
 Why: the library's algorithm choices (the bounds in rtdetr_jax/ops/conv.py, the switches in ops/winograd.py,
 `RTDETR_JAX_NATIVE`) are read when a function is traced, so two steps traced under different values can live in
@@ -11,7 +12,8 @@ one process and run alternately (`common.paired_times`, which swaps which side g
 machine minute. Side "a" is the code as it is, side "b" the code with every `--set MODULE.NAME=VALUE` (VALUE a
 Python literal) and `--env NAME=VALUE` applied while it is traced. `--step train` (the default) times the train
 step (`common.our_train_step`, batch statistics, loss, backward, update); `--step forward` the inference forward
-(`model(pixel_values=...)`, each side its own model of the same seed). `--order ba` compiles "b" first: the harness
+(`model(pixel_values=...)`, each side its own model of the same seed), where side b may also compute only some
+of the output's fields (`--b-output-fields`, the model's `output_fields`). `--order ba` compiles "b" first: the harness
 has a position bias of ~1-2% (which step was compiled and placed in memory first), so run both orders and read the
 two paired ratios together.
 
@@ -88,25 +90,34 @@ class Applied:
                 os.environ[name] = old
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="MODULE.NAME=VALUE",
                         help="a module constant and its value on side b (repeatable)")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="an environment variable and its value on side b (repeatable)")
     parser.add_argument("--step", choices=("train", "forward"), default="train")
+    parser.add_argument("--b-output-fields", metavar="NAME[,NAME...]",
+                        help="side b's forward computes only these output fields (--step forward), e.g. "
+                             "logits,pred_boxes: what post-processing reads")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--order", choices=("ab", "ba"), default="ab", help="which side is compiled first")
     parser.add_argument("--preset", default="r18vd")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", type=int, default=640)
     parser.add_argument("--out", default=os.path.join(HERE, "results", "ab_step.json"))
-    args = parser.parse_args()
-    if not args.settings and not args.env:
-        parser.error("side b needs at least one --set or --env")
+    args = parser.parse_args(argv)
+    if not args.settings and not args.env and not args.b_output_fields:
+        parser.error("side b needs at least one --set, --env or --b-output-fields")
+    if args.b_output_fields and args.step != "forward":
+        parser.error(f"--b-output-fields {args.b_output_fields}: only with --step forward")
+    from rtdetr_jax.model import check_output_fields
+
     try:
         settings = [parse_setting(text) for text in args.settings]
         env = [parse_env(text) for text in args.env]
+        fields = {"a": None, "b": check_output_fields(args.b_output_fields.split(",")) if args.b_output_fields
+                  else None}
     except ValueError as err:
         parser.error(str(err))
 
@@ -130,14 +141,14 @@ def main() -> None:
             else:
                 side_model = RTDetrV2ForObjectDetection(config)
                 start = time.perf_counter()
-                jax.block_until_ready(side_model(pixel_values=pixels).logits)
+                jax.block_until_ready(side_model(pixel_values=pixels, output_fields=fields[side]))
                 sides[side] = side_model
             first_step[side] = time.perf_counter() - start
         print(f"side {side}: first {args.step} (compile) {first_step[side]:.1f} s", flush=True)
 
     def step(side):
         if args.step == "forward":
-            jax.block_until_ready(sides[side](pixel_values=pixels).logits)
+            jax.block_until_ready(sides[side](pixel_values=pixels, output_fields=fields[side]))
             return
         steps, state, batch = sides[side]
         sides[side][1], _ = steps.train_step(state, *batch)
@@ -145,13 +156,15 @@ def main() -> None:
 
     step("a"), step("b")  # one steady step each before timing
     times_a, times_b, paired = paired_times(lambda: step("a"), lambda: step("b"), args.rounds)
-    print("b: " + ", ".join(args.settings + args.env))
+    print("b: " + ", ".join(args.settings + args.env
+                            + ([f"output_fields={args.b_output_fields}"] if args.b_output_fields else [])))
     for side, times in (("a", times_a), ("b", times_b)):
         print(f"{side}: median {statistics.median(times):.3f} s  [" + ", ".join(f"{t:.3f}" for t in times) + "]")
     print(f"paired b/a: {paired:.3f} ({args.rounds} rounds, {args.order[0]} compiled first)")
-    write_result(args.out, {"settings": args.settings, "env": args.env, "step": args.step, "order": args.order,
-                            "preset": args.preset, "batch": args.batch, "size": args.size, "first_step_s": first_step,
-                            "a_s": times_a, "b_s": times_b, "paired_b_over_a": paired, "machine": machine_info()})
+    write_result(args.out, {"settings": args.settings, "env": args.env, "b_output_fields": fields["b"],
+                            "step": args.step, "order": args.order, "preset": args.preset, "batch": args.batch,
+                            "size": args.size, "first_step_s": first_step, "a_s": times_a, "b_s": times_b,
+                            "paired_b_over_a": paired, "machine": machine_info()})
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ _EXPORTS = {
     "PRESETS": "rtdetr_jax.config",
     "ConfigError": "rtdetr_jax.config",
     "ConversionError": "rtdetr_jax.convert.transformers",
+    "DETECTION_FIELDS": "rtdetr_jax.model",
     "ImageLoadError": "rtdetr_jax.processing",
     "ModelNotFoundError": "rtdetr_jax.hub",
     "RTDetrImageProcessor": "rtdetr_jax.processing",

@@ -147,7 +147,9 @@ class Detector:
         if n < self.batch_size:  # pad to the compiled shape
             pad = np.zeros((self.batch_size - n,) + pixel_values.shape[1:], pixel_values.dtype)
             pixel_values = np.concatenate([pixel_values, pad])
-        outputs = self.model(pixel_values=pixel_values)
+        from rtdetr_jax.model import DETECTION_FIELDS  # imported with the model: jax is loaded by now
+
+        outputs = self.model(pixel_values=pixel_values, output_fields=DETECTION_FIELDS)
         outputs = {"logits": np.asarray(outputs.logits, np.float32)[:n],
                    "pred_boxes": np.asarray(outputs.pred_boxes, np.float32)[:n]}
         results = self.processor.post_process_object_detection(

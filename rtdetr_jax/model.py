@@ -2,9 +2,11 @@
 
     model = RTDetrV2ForObjectDetection.from_pretrained("PekingU/rtdetr_v2_r18vd")
     outputs = model(pixel_values=inputs["pixel_values"])      # (batch, 3, H, W) float32, H and W multiples of 32
+    outputs = model(pixel_values=..., output_fields=DETECTION_FIELDS)  # logits and pred_boxes only: faster
 
 The object holds `.config`, `.module` (the flax module), `.variables` (`{"params", "batch_stats"}`, what
-`module.apply` takes) and `.params` (the trainable part). `__call__` is jit-compiled once per input shape and dtype.
+`module.apply` takes) and `.params` (the trainable part). `__call__` is jit-compiled once per input shape and dtype
+(and per `output_fields` selection).
 """
 
 from __future__ import annotations
@@ -39,6 +41,13 @@ from rtdetr_jax.modeling.detector import (
 )
 
 FLAX_WEIGHTS = "flax_model.msgpack"
+# what `post_process_object_detection` reads: with only these the compiled forward drops the encoder's dense box
+# head over every anchor (`enc_outputs_coord_logits`; the score head stays, the query selection reads it) and the
+# NCHW copies of the encoder's maps (`encoder_last_hidden_state`);
+# r18vd at 640 on the 2-core CPU: 0.94-0.97 of the whole forward's time at batch 1, 0.94-0.95 at batch 8
+# (benchmarks/README.md, `ab_step.py --step forward --b-output-fields logits,pred_boxes`)
+DETECTION_FIELDS = ("logits", "pred_boxes")
+_OUTPUT_FIELDS = tuple(RTDetrV2ObjectDetectionOutput.__dataclass_fields__)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -48,6 +57,25 @@ def _as_dtype(dtype) -> Any:
             raise ValueError(f"dtype={dtype!r} is not one of {sorted(_DTYPES)}")
         return _DTYPES[dtype]
     return jnp.dtype(dtype).type if dtype is not None else jnp.float32
+
+
+def check_output_fields(output_fields) -> tuple[str, ...] | None:
+    """`output_fields` as a sorted tuple of known field names (None: all of them); a one-line error otherwise."""
+    if output_fields is None:
+        return None
+    if isinstance(output_fields, str):
+        output_fields = (output_fields,)
+    fields = tuple(output_fields)
+    unknown = [f for f in fields if f not in _OUTPUT_FIELDS]
+    if unknown or not fields:
+        raise ValueError(f"output_fields {fields!r}: {'unknown field ' + repr(unknown[0]) if unknown else 'empty'}; "
+                         f"choose from {', '.join(_OUTPUT_FIELDS)}")
+    return tuple(sorted(set(fields)))
+
+
+def _keep_fields(out: RTDetrV2ObjectDetectionOutput, fields: tuple[str, ...]) -> RTDetrV2ObjectDetectionOutput:
+    """`out` with every field not in `fields` set to None (inside jit: XLA then drops what only those needed)."""
+    return out.replace(**{name: None for name in _OUTPUT_FIELDS if name not in fields})
 
 
 class RTDetrV2ForObjectDetection:
@@ -62,8 +90,8 @@ class RTDetrV2ForObjectDetection:
             dummy = jnp.zeros((1, config.backbone_config.num_channels, size, size), jnp.float32)
             variables = jax.jit(self.module.init)(jax.random.PRNGKey(seed), dummy)
         self.variables = jax.tree_util.tree_map(jnp.asarray, variables)
-        self._forward = jax.jit(self.module.apply)
-        self._forward_with_loss = None
+        self._forwards: dict[tuple[str, ...] | None, Any] = {}  # output_fields -> its jit forward
+        self._forwards_with_loss: dict[tuple[str, ...] | None, Any] = {}
         self.conversion_cache: str | None = None  # where that conversion is cached (convert/cache.py)
         self.loaded_from_cache = False
 
@@ -74,8 +102,9 @@ class RTDetrV2ForObjectDetection:
 
     @property
     def compiled_shapes(self) -> int:
-        """How many input signatures have been compiled so far (one per distinct shape and dtype)."""
-        return self._forward._cache_size()
+        """How many forwards have been compiled so far: one per distinct input shape and dtype (and per
+        `output_fields` selection)."""
+        return sum(f._cache_size() for f in self._forwards.values())
 
     # ------------------------------------------------------------------ calling
     def check_pixel_values(self, pixel_values) -> None:
@@ -92,20 +121,26 @@ class RTDetrV2ForObjectDetection:
             raise ValueError(f"pixel_values of {shape[2]}x{shape[3]} give {tokens} encoder tokens, fewer than "
                              f"num_queries={self.config.num_queries}; use a larger input")
 
-    def __call__(self, pixel_values=None, variables=None, labels=None, **kwargs) -> RTDetrV2ObjectDetectionOutput:
+    def __call__(self, pixel_values=None, variables=None, labels=None, output_fields=None,
+                 **kwargs) -> RTDetrV2ObjectDetectionOutput:
         """Forward pass; with `labels` (transformers' list of `{"class_labels": (n,), "boxes": (n, 4) normalised
         cxcywh}`) also `loss` and `loss_dict`, computed as transformers does in eval mode (running batch-norm
-        statistics, no denoising). Training uses `rtdetr_jax.train` (batch statistics, denoising, jit step)."""
+        statistics, no denoising). Training uses `rtdetr_jax.train` (batch statistics, denoising, jit step).
+
+        `output_fields`: names of the output's fields to compute, the others left None (default: all, as
+        transformers returns them); e.g. `DETECTION_FIELDS`, what `post_process_object_detection` reads, which
+        spares the work only the other fields need. `loss` and `loss_dict` come with `labels` either way."""
         if pixel_values is None:
             raise ValueError("pixel_values is required")
         unused = sorted(k for k, v in kwargs.items() if v is not None and k not in ("pixel_mask",))
         if unused:
             raise TypeError(f"unsupported argument(s) for inference: {', '.join(unused)}")
+        fields = check_output_fields(output_fields)
         self.check_pixel_values(pixel_values)
         variables = self.variables if variables is None else variables
         pixel_values = jnp.asarray(pixel_values, jnp.float32)
         if labels is None:
-            return self._run(self._forward, variables, pixel_values)
+            return self._run(self._forward(fields), variables, pixel_values)
         from rtdetr_jax.loss.criterion import pad_targets
 
         if len(labels) != pixel_values.shape[0]:
@@ -114,17 +149,39 @@ class RTDetrV2ForObjectDetection:
         if targets.max_boxes > self.config.num_queries:
             raise ValueError(f"an image has {targets.max_boxes} boxes, more than num_queries="
                              f"{self.config.num_queries}")
-        if self._forward_with_loss is None:
+        return self._run(self._forward_with_loss(fields), variables, pixel_values,
+                         jax.tree_util.tree_map(jnp.asarray, targets))
+
+    def _forward(self, fields: tuple[str, ...] | None):
+        """The jit forward returning `fields` of the output (all for None), made once per selection."""
+        if fields not in self._forwards:
+            if fields is None:
+                self._forwards[fields] = jax.jit(self.module.apply)
+            else:
+                module = self.module
+
+                def apply_fields(variables, pixel_values):
+                    return _keep_fields(module.apply(variables, pixel_values), fields)
+
+                self._forwards[fields] = jax.jit(apply_fields)
+        return self._forwards[fields]
+
+    def _forward_with_loss(self, fields: tuple[str, ...] | None):
+        """The jit forward with the eval-mode loss, returning `fields` (all for None) plus `loss` and `loss_dict`."""
+        if fields not in self._forwards_with_loss:
             from rtdetr_jax.loss.criterion import rtdetr_loss
 
-            def forward_with_loss(v, x, t):
-                out = self.module.apply(v, x)
-                loss, terms = rtdetr_loss(out, t, self.config)
+            module, config = self.module, self.config
+
+            def forward_with_loss(variables, pixel_values, targets):
+                out = module.apply(variables, pixel_values)
+                loss, terms = rtdetr_loss(out, targets, config)
+                if fields is not None:
+                    out = _keep_fields(out, fields)
                 return out.replace(loss=loss, loss_dict=terms)
 
-            self._forward_with_loss = jax.jit(forward_with_loss)
-        return self._run(self._forward_with_loss, variables, pixel_values,
-                         jax.tree_util.tree_map(jnp.asarray, targets))
+            self._forwards_with_loss[fields] = jax.jit(forward_with_loss)
+        return self._forwards_with_loss[fields]
 
     @staticmethod
     def _run(jitted, *args):

@@ -1,5 +1,6 @@
-"""benchmarks/ab_step.py: its `--set MODULE.NAME=VALUE` and `--env NAME=VALUE` settings, parsed or refused in one
-line, and applied to side b only while it is traced. (The A/B itself is a benchmark: it is run by hand, not here.)"""
+"""benchmarks/ab_step.py: its `--set MODULE.NAME=VALUE`, `--env NAME=VALUE` and `--b-output-fields` settings,
+parsed or refused in one line, and applied to side b only while it is traced. (The A/B itself is a benchmark: it is
+run by hand, not here.)"""
 
 import os
 import sys
@@ -56,3 +57,15 @@ def test_side_b_settings_hold_while_it_is_traced_and_are_restored(monkeypatch):
             raise RuntimeError("traced")
     assert conv.WINOGRAD_MIN_CHANNELS == bound
     assert os.environ["RTDETR_JAX_AB_PROBE"] == "before" and "RTDETR_JAX_AB_UNSET" not in os.environ
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "side b needs at least one --set, --env or --b-output-fields"),
+    (["--b-output-fields", "logits"], "--b-output-fields logits: only with --step forward"),
+    (["--step", "forward", "--b-output-fields", "logits,boxes"], "unknown field 'boxes'"),
+])
+def test_bad_side_b_arguments_are_one_line_errors(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        ab_step.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in err

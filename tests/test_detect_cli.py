@@ -142,13 +142,17 @@ def test_second_detect_loads_the_compiled_forward(ckpt, images, env, tmp_path):
     first = run_cli([*args, "--out", str(tmp_path / "one")], e)
     assert first.returncode == 0, first.stderr
     folder = tmp_path / "cache" / SUBDIR
-    forward = sorted(n for n in os.listdir(folder) if n.startswith("jit_apply-") and n.endswith("-cache"))
+
+    def forward_entries():  # the detection forward's (model.py: `apply_fields`, DETECTION_FIELDS)
+        return sorted(n for n in os.listdir(folder) if n.startswith("jit_apply_fields-") and n.endswith("-cache"))
+
+    forward = forward_entries()
     assert len(forward) == 1, os.listdir(folder)
     entry, last_use = folder / forward[0], folder / forward[0].replace("-cache", "-atime")
     written, used = entry.stat().st_mtime_ns, last_use.read_bytes()
     second = run_cli([*args, "--out", str(tmp_path / "two")], e)
     assert second.returncode == 0, second.stderr
-    assert sorted(n for n in os.listdir(folder) if n.startswith("jit_apply-") and n.endswith("-cache")) == forward
+    assert forward_entries() == forward
     assert entry.stat().st_mtime_ns == written  # not compiled and stored again ...
     assert last_use.read_bytes() != used  # ... but read: jax records each use of an entry for its eviction
     one, two = read_jsonl(tmp_path / "one" / "detections.jsonl"), read_jsonl(tmp_path / "two" / "detections.jsonl")

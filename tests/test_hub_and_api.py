@@ -11,7 +11,7 @@ import jax
 import pytest
 from conftest import build_reference, tiny_config
 
-from rtdetr_jax import ModelNotFoundError, RTDetrImageProcessor, RTDetrV2ForObjectDetection
+from rtdetr_jax import DETECTION_FIELDS, ModelNotFoundError, RTDetrImageProcessor, RTDetrV2ForObjectDetection
 
 REPO = "PekingU/rtdetr_v2_tiny_test"
 
@@ -89,16 +89,71 @@ def tiny_model(tmp_path_factory):
 
 
 def test_compiles_once_per_shape(tiny_model, images_2x96x128):
-    model, _ = tiny_model
-    model._forward.clear_cache() if hasattr(model._forward, "clear_cache") else None
-    start = model.compiled_shapes
+    _, folder = tiny_model
+    model = RTDetrV2ForObjectDetection.from_pretrained(folder)  # its own jit caches, whatever other tests ran
+    assert model.compiled_shapes == 0
     first = model(pixel_values=images_2x96x128)
-    assert model.compiled_shapes == start + 1
+    assert model.compiled_shapes == 1
     second = model(pixel_values=images_2x96x128 * 0.5)
-    assert model.compiled_shapes == start + 1  # same shape: no recompilation
+    assert model.compiled_shapes == 1  # same shape: no recompilation
     assert not np.array_equal(np.asarray(first.logits), np.asarray(second.logits))
     model(pixel_values=images_2x96x128[:1])
-    assert model.compiled_shapes == start + 2
+    assert model.compiled_shapes == 2
+    # a selection of output fields is a forward of its own, compiled once per shape too
+    model(pixel_values=images_2x96x128, output_fields=DETECTION_FIELDS)
+    model(pixel_values=images_2x96x128 * 0.5, output_fields=["pred_boxes", "logits"])  # same selection
+    assert model.compiled_shapes == 3
+
+
+def test_output_fields_compute_only_the_fields_asked_for(tiny_model, images_2x96x128):
+    """`output_fields=DETECTION_FIELDS` (what post-processing reads) gives the same logits and boxes as the full
+    forward, leaves the other fields None, and compiles to less work: XLA drops the dense encoder heads over every
+    anchor and the NCHW copies of the encoder's maps."""
+    model, _ = tiny_model
+    full = model(pixel_values=images_2x96x128)
+    lean = model(pixel_values=images_2x96x128, output_fields=DETECTION_FIELDS)
+    assert lean.keys() == ["logits", "pred_boxes"]
+    np.testing.assert_allclose(np.asarray(lean.logits), np.asarray(full.logits), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(lean.pred_boxes), np.asarray(full.pred_boxes), rtol=0, atol=1e-6)
+    one = model(pixel_values=images_2x96x128, output_fields="enc_outputs_coord_logits")
+    assert one.keys() == ["enc_outputs_coord_logits"]
+    np.testing.assert_allclose(np.asarray(one.enc_outputs_coord_logits), np.asarray(full.enc_outputs_coord_logits),
+                               rtol=0, atol=1e-5)
+
+    x = jax.numpy.asarray(images_2x96x128)
+
+    def flops(fields):
+        compiled = model._forward(fields).lower(model.variables, x).compile()
+        analysis = compiled.cost_analysis()
+        return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
+
+    # what is dropped includes the box head's three matmuls over every anchor of both images (the score head
+    # stays: the query selection reads it)
+    from rtdetr_jax.modeling.detector import num_tokens
+
+    d, tokens = model.config.d_model, 2 * num_tokens(model.config, 96, 128)
+    assert flops(None) - flops(DETECTION_FIELDS) >= 2 * tokens * (d * d + d * d + d * 4)
+
+
+def test_output_fields_with_labels_keep_the_loss(tiny_model, images_2x96x128):
+    model, _ = tiny_model
+    labels = [{"class_labels": np.array([1, 2]), "boxes": np.array([[0.5, 0.5, 0.2, 0.3], [0.3, 0.6, 0.1, 0.1]])},
+              {"class_labels": np.array([0]), "boxes": np.array([[0.4, 0.4, 0.3, 0.3]])}]
+    full = model(pixel_values=images_2x96x128, labels=labels)
+    lean = model(pixel_values=images_2x96x128, labels=labels, output_fields=DETECTION_FIELDS)
+    assert lean.keys() == ["logits", "pred_boxes", "loss", "loss_dict"]
+    np.testing.assert_allclose(float(lean.loss), float(full.loss), rtol=1e-6)
+    assert sorted(lean.loss_dict) == sorted(full.loss_dict)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (("logits", "boxes"), "output_fields \\('logits', 'boxes'\\): unknown field 'boxes'; choose from logits, "),
+    ((), "output_fields \\(\\): empty; choose from logits, "),
+])
+def test_bad_output_fields(tiny_model, fields, message):
+    model, _ = tiny_model
+    with pytest.raises(ValueError, match=message):
+        model(pixel_values=np.zeros((1, 3, 64, 64), np.float32), output_fields=fields)
 
 
 def test_repeated_inference_never_recompiles(tiny_model, images_2x96x128):
