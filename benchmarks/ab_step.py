@@ -107,6 +107,8 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, default=640)
     parser.add_argument("--out", default=os.path.join(HERE, "results", "ab_step.json"))
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: must be at least 1")
     if not args.settings and not args.env and not args.b_output_fields:
         parser.error("side b needs at least one --set, --env or --b-output-fields")
     if args.b_output_fields and args.step != "forward":

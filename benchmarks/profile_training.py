@@ -157,6 +157,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.iters < 1:
+        ap.error(f"--iters {args.iters}: must be at least 1")
     if args.side:
         print(json.dumps((jax_side if args.side == "jax" else torch_side)(args)))
         return {}

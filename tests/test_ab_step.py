@@ -61,6 +61,7 @@ def test_side_b_settings_hold_while_it_is_traced_and_are_restored(monkeypatch):
 
 @pytest.mark.parametrize("argv, message", [
     ([], "side b needs at least one --set, --env or --b-output-fields"),
+    (["--env", "RTDETR_JAX_NATIVE=off", "--rounds", "0"], "--rounds 0: must be at least 1"),
     (["--b-output-fields", "logits"], "--b-output-fields logits: only with --step forward"),
     (["--step", "forward", "--b-output-fields", "logits,boxes"], "unknown field 'boxes'"),
 ])

@@ -45,10 +45,11 @@ def test_training_profile_stages_and_step():
                                     "optimizer": 0.35, "training step": 3.55})
 
 
-def test_inference_profile_rejects_bad_arguments(capsys):
-    for argv, fault in ((["--preset", "r19"], "--preset"), (["--iters", "0"], "--iters 0")):
+@pytest.mark.parametrize("script", [profile_inference, profile_training])
+def test_profiles_reject_bad_arguments(script, capsys):
+    for argv, fault in ((["--preset", "r19"], "--preset"), (["--iters", "0"], "--iters 0: must be at least 1")):
         with pytest.raises(SystemExit):
-            profile_inference.main(argv)
+            script.main(argv)
         assert fault in capsys.readouterr().err
 
 
